@@ -1,0 +1,26 @@
+"""Allocators: how many tokens each (sequence, KV head) keeps, and which."""
+
+from __future__ import annotations
+
+from .adakv import AdaKV
+from .base import Allocator, topk_mask
+from .uniform import Uniform
+
+ALLOCATORS: dict[str, type[Allocator]] = {"adakv": AdaKV, "uniform": Uniform}
+
+
+def get_allocator(spec: str | Allocator) -> Allocator:
+    """Resolve an allocator name or instance."""
+    if isinstance(spec, Allocator):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return ALLOCATORS[spec.lower()]()
+        except KeyError:
+            raise ValueError(f"Unknown allocator {spec!r}. Valid names: {', '.join(sorted(ALLOCATORS))}.") from None
+    raise TypeError(
+        f"allocator must be a name ({', '.join(sorted(ALLOCATORS))}) or an Allocator instance, got {type(spec).__name__}."
+    )
+
+
+__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "Uniform", "get_allocator", "topk_mask"]

@@ -1,0 +1,168 @@
+"""AdaKVCache: a head-wise compressed KV cache, drop-in for transformers 5.x."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+
+from . import attention
+from .allocators import Allocator, get_allocator
+from .compression import Compressor
+from .layer import AdaKVLayer
+from .scorers import Scorer, get_scorer
+
+STOCK_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def _config_of(model: object) -> tuple[PreTrainedModel | None, PretrainedConfig]:
+    if isinstance(model, PreTrainedModel):
+        return model, model.config
+    if isinstance(model, PretrainedConfig):
+        return None, model
+    raise TypeError(
+        f"AdaKVCache needs the model (a transformers PreTrainedModel) or its config, got {type(model).__name__}."
+    )
+
+
+def _check_model(model: PreTrainedModel | None, config: PretrainedConfig) -> None:
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"AdaKVCache supports decoder-only models; {type(model or config).__name__} is encoder-decoder.")
+    if model is None:
+        return
+    uses_interface = getattr(model, "_supports_attention_backend", False) and model._can_set_attn_implementation()
+    if not uses_interface:
+        raise ValueError(
+            f"{type(model).__name__} does not run its attention through transformers' AttentionInterface, so "
+            "AdaKVCache cannot plug into it. Supported: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi3 and other "
+            "decoders whose attention calls ALL_ATTENTION_FUNCTIONS."
+        )
+
+
+class AdaKVCache(Cache):
+    """A KV cache that keeps only the tokens that matter, a different number per (sequence, KV head).
+
+    ``AdaKVCache(model, budget=0.2)`` activates adakv's attention function on the
+    model (through ``AttentionInterface``; other caches keep behaving as before)
+    and is passed to ``model.generate(..., past_key_values=cache)`` or the forward.
+    The first forward through a layer (the prompt) is compressed once: the scorer
+    rates every token, the allocator picks the kept ones per KV head, and they are
+    compacted into one flat buffer per layer; the dense prompt K/V are freed.
+    Later tokens (decoding, or a question appended to a compressed context) are
+    appended in place and attended with ragged attention.
+
+    Args:
+        model: the model (or its config) the cache is for.
+        budget: float in (0, 1]: fraction of each prompt's tokens kept, averaged over
+            KV heads; int >= 1: average tokens kept per KV head. The observation
+            window counts inside it. A prompt within budget is kept whole.
+        scorer: a :class:`~adakv.scorers.Scorer` or a name (``"snapkv"``).
+        allocator: an :class:`~adakv.allocators.Allocator` or a name (``"adakv"``, ``"uniform"``).
+        window: observation window: the last ``window`` prompt tokens are always kept
+            and their queries score the rest.
+
+    Sliding-window layers (Gemma2/3, Mistral with a window) keep transformers' own
+    dynamic layer. Padding must be on the left.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PretrainedConfig,
+        budget: float | int,
+        scorer: str | Scorer = "snapkv",
+        allocator: str | Allocator = "adakv",
+        window: int = 32,
+    ):
+        compressor = Compressor(budget, get_scorer(scorer), get_allocator(allocator), window)
+        model_obj, config = _config_of(model)
+        _check_model(model_obj, config)
+        text_config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        unsupported = sorted(set(layer_types) - {"full_attention", *STOCK_LAYER_TYPES})
+        if unsupported:
+            raise ValueError(f"AdaKVCache supports attention layers only; {type(config).__name__} has {unsupported} layers.")
+        name = attention.implementation_for(config)
+
+        self.compressor = compressor
+        self._config = config
+        self._text_config = text_config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self._kv_shape = (kv_heads, head_dim)
+        layers = [
+            AdaKVLayer(compressor, self._check_update) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            for kind, kw in zip(layer_types, layer_kwargs)
+        ]
+        super().__init__(layers=layers)
+        attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
+
+    # -- checks -------------------------------------------------------------------------------------------------------
+    def _check_update(self, layer: AdaKVLayer, key_states: torch.Tensor) -> None:
+        if not attention.is_active(self._text_config):
+            raise ValueError(
+                "This AdaKVCache's model no longer uses adakv's attention (its attention implementation was switched "
+                f"to {self._text_config._attn_implementation!r}). Create a new AdaKVCache(model, ...) after switching."
+            )
+        if key_states.dim() != 4 or tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) != self._kv_shape:
+            raise ValueError(
+                f"This AdaKVCache was made for a model with (kv_heads, head_dim) = {self._kv_shape}, but got key states "
+                f"of shape {tuple(key_states.shape)}. Create one AdaKVCache per model."
+            )
+        held = layer.store.shape[0] if layer.store is not None else key_states.shape[0]
+        if key_states.shape[0] != held:
+            raise ValueError(
+                f"This AdaKVCache holds {held} sequences but the model was called with a batch of {key_states.shape[0]}. "
+                "For beam search or num_return_sequences on an already filled cache, call "
+                "cache.batch_repeat_interleave(num_beams) first."
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"This AdaKVCache was made for a model with {len(self.layers)} layers, but layer {layer_idx} wrote to it. "
+                "Create one AdaKVCache per model."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # -- introspection ------------------------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of K/V storage the cache holds now, all layers, slack included."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, AdaKVLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def kept_lengths(self, layer_idx: int) -> torch.Tensor:
+        """Tokens held per (sequence, KV head) of a compressed layer: int64 ``[batch, kv_heads]``."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, AdaKVLayer):
+            raise ValueError(f"Layer {layer_idx} is a {type(layer).__name__} (sliding window), not compressed by adakv.")
+        lengths = layer.kept_lengths()
+        if lengths is None:
+            raise ValueError(f"Layer {layer_idx} holds nothing yet: run the prompt through the model first.")
+        return lengths
+
+    def stats(self) -> str:
+        """A readable per-layer summary: tokens seen, kept per KV head (min/mean/max), bytes."""
+        rows = [f"{self!r}", f"{'layer':>5} {'kind':<8} {'seen':>7} {'kept min':>9} {'mean':>8} {'max':>7} {'KiB':>9}"]
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, AdaKVLayer) and layer.store is not None:
+                kept = layer.store.lengths().double()
+                rows.append(
+                    f"{idx:>5} {'adakv':<8} {layer.seen:>7} {int(kept.min()):>9} {kept.mean():>8.1f} "
+                    f"{int(kept.max()):>7} {layer.nbytes() / 1024:>9.1f}"
+                )
+            else:
+                seen = layer.get_seq_length()
+                nbytes = 0 if getattr(layer, "keys", None) is None else layer.keys.nbytes + layer.values.nbytes
+                kind = "adakv" if isinstance(layer, AdaKVLayer) else "stock"
+                rows.append(f"{idx:>5} {kind:<8} {seen:>7} {'-':>9} {'-':>8} {'-':>7} {nbytes / 1024:>9.1f}")
+        rows.append(f"total K/V bytes: {self.kv_bytes()}")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return f"AdaKVCache({self.compressor!r}, layers={len(self.layers)})"

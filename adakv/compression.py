@@ -1,0 +1,85 @@
+"""The eviction policy of a cache: budget -> scorer -> allocator -> kept tokens."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .allocators import Allocator
+from .scorers import Scorer, ScoreInputs
+
+
+def check_budget(budget: object) -> float | int:
+    """Validate a budget: a float in (0, 1] (fraction of the prompt) or an int >= 1 (tokens per KV head)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(
+            f"budget must be a number: a float in (0, 1] (fraction of the prompt kept) or an int >= 1 "
+            f"(tokens kept per KV head), got {budget!r} ({type(budget).__name__})."
+        )
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(f"An integer budget is the number of tokens kept per KV head and must be >= 1, got {budget}.")
+        return int(budget)
+    budget = float(budget)
+    if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"A float budget is the fraction of the prompt kept and must be in (0, 1], got {budget}. "
+            "For a number of tokens per KV head pass an int."
+        )
+    return budget
+
+
+def check_window(window: object) -> int:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window (the observation window, in tokens) must be an int >= 1, got {window!r}.")
+    return int(window)
+
+
+class Compressor:
+    """Decides, once per prompt and layer, which tokens each (sequence, KV head) keeps.
+
+    The per-head budget of sequence b is ``round(budget * n_b)`` for a float budget
+    and ``min(budget, n_b)`` for an int, n_b being its real (unpadded) length. The
+    last ``min(window, per-head budget)`` tokens are always kept and count inside
+    the budget; padding is never kept. A prompt within budget is kept whole.
+    """
+
+    def __init__(self, budget: float | int, scorer: Scorer, allocator: Allocator, window: int):
+        self.budget = check_budget(budget)
+        self.scorer = scorer
+        self.allocator = allocator
+        self.window = check_window(window)
+
+    def tokens_per_head(self, n_valid: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.budget, int):
+            return n_valid.clamp(max=self.budget)
+        return torch.floor(n_valid.double() * self.budget + 0.5).long().clamp(min=1).minimum(n_valid)
+
+    def select(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Bool keep mask ``[B, H_kv, L]`` for one layer's prefill."""
+        valid = inputs.valid
+        bsz, heads, seq, _ = inputs.keys.shape
+        n_valid = valid.sum(-1).cpu()
+        per_head = self.tokens_per_head(n_valid)
+        whole = valid[:, None, :].expand(bsz, heads, seq)
+        if bool((per_head >= n_valid).all()):
+            return whole.clone()
+        scores = self.scorer(inputs)
+        if scores.shape != (bsz, heads, seq):
+            raise ValueError(
+                f"{self.scorer!r} returned scores of shape {tuple(scores.shape)}; expected {(bsz, heads, seq)} "
+                "([batch, kv_heads, seq])."
+            )
+        scores = scores.float().nan_to_num(nan=0.0, posinf=torch.finfo(torch.float32).max)
+        protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
+        pos_from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
+        protected = pos_from_end[None, :] < protect[:, None]  # left padding: the window is the tail
+        scores = scores.masked_fill(protected[:, None, :], float("inf")).masked_fill(~valid[:, None, :], float("-inf"))
+        keep = self.allocator(scores, per_head.to(valid.device))
+        within = (per_head >= n_valid).to(valid.device)
+        return torch.where(within[:, None, None], whole, keep & valid[:, None, :])
+
+    def __repr__(self) -> str:
+        return f"Compressor(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, window={self.window})"

@@ -1,0 +1,64 @@
+"""SnapKV scorer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Scorer, ScoreInputs, window_attention
+
+
+class SnapKV(Scorer):
+    """SnapKV: keep what the observation window attends to.
+
+    Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024.
+
+    With A = softmax(Q_win K^T * scaling) over the last w prompt queries (causal
+    inside the window, fp32), the score of token j is
+
+        s_j = pool_k( (1/w) * sum_i A_ij )   aggregated over the G query heads of a
+                                              KV group by mean (or max),
+
+    where pool_k is a stride-1 1-D max- (default, kernel 7) or average-pool
+    (kernel 5 in the paper) over positions outside the window, zero-padded.
+
+    Args:
+        pooling: ``"max"`` or ``"avg"``.
+        kernel_size: pooling width (odd, >= 1; 1 disables pooling).
+        gqa: ``"mean"`` or ``"max"`` over the query heads of a group.
+    """
+
+    name = "snapkv"
+
+    def __init__(self, pooling: str = "max", kernel_size: int = 7, gqa: str = "mean"):
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"SnapKV pooling must be 'max' or 'avg', got {pooling!r}.")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"SnapKV kernel_size must be an odd int >= 1, got {kernel_size!r}.")
+        if gqa not in ("mean", "max"):
+            raise ValueError(f"SnapKV gqa must be 'mean' or 'max', got {gqa!r}.")
+        self.pooling = pooling
+        self.kernel_size = kernel_size
+        self.gqa = gqa
+
+    def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = window_attention(inputs)  # [B, H, G, w, L]
+        scores = attn.mean(3)
+        scores = scores.mean(2) if self.gqa == "mean" else scores.amax(2)  # [B, H, L]
+        return pool_outside_window(scores, inputs.window, self.pooling, self.kernel_size)
+
+
+def pool_outside_window(scores: torch.Tensor, window: int, pooling: str, kernel_size: int) -> torch.Tensor:
+    """Stride-1 pooling along positions, as if the window tokens were cut off (zeros there)."""
+    if kernel_size == 1:
+        return scores
+    bsz, heads, seq = scores.shape
+    outside = scores.clone()
+    outside[..., max(seq - window, 0) :] = 0.0
+    flat = outside.reshape(bsz * heads, 1, seq)
+    pad = kernel_size // 2
+    if pooling == "max":
+        pooled = F.max_pool1d(F.pad(flat, (pad, pad)), kernel_size, stride=1)  # zero padding
+    else:
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=True)
+    return pooled.reshape(bsz, heads, seq)

@@ -1,0 +1,95 @@
+"""Compacted ragged K/V storage of one layer: flat buffers plus per-segment metadata."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import append_, compact_, copy_segments_
+
+# Slack rows given to every segment when it is (re)laid out: a fixed minimum at
+# prefill keeps the memory close to the budget; on growth the slack is
+# proportional to the length so that re-layouts cost O(1) amortized per token.
+MIN_SLACK = 16
+GROWTH_FRACTION = 0.125
+
+
+class RaggedKV:
+    """Keys and values of ``batch x kv_heads`` segments of different lengths.
+
+    ``keys``/``values``: ``[capacity, head_dim]``; ``start``, ``length``, ``capacity``:
+    int64 ``[batch, kv_heads]`` on the buffers' device. Host copies of the metadata
+    are kept so that appends decide on growth without a device sync.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, capacity: torch.Tensor):
+        self.keys = keys
+        self.values = values
+        self._length_host = length.to("cpu", torch.int64)
+        self._cap_host = capacity.to("cpu", torch.int64)
+        self._start_host = torch.cumsum(self._cap_host.reshape(-1), 0).reshape(self._cap_host.shape) - self._cap_host
+        device = keys.device
+        # copies (not aliases, even on CPU): the host and device metadata are updated separately
+        self.length = self._length_host.to(device, copy=True)
+        self.start = self._start_host.to(device, copy=True)
+
+    # -- construction -------------------------------------------------------------
+    @staticmethod
+    def _alloc(n_rows: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(n_rows, like.shape[-1], dtype=like.dtype, device=like.device)
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, slack: int = MIN_SLACK) -> RaggedKV:
+        """Compact the tokens selected by ``keep`` ``[B, H, L]`` out of dense ``[B, H, L, D]`` tensors."""
+        length = keep.sum(-1).to("cpu", torch.int64)
+        capacity = length + slack
+        total = int(capacity.sum())
+        store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity)
+        compact_(store.keys, store.values, keys, values, keep, store.start)
+        return store
+
+    # -- queries ------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self._length_host.shape)
+
+    def lengths(self) -> torch.Tensor:
+        """Tokens held per segment, int64 ``[batch, kv_heads]`` on CPU."""
+        return self._length_host.clone()
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    # -- mutation -----------------------------------------------------------------
+    def _relayout(self, capacity: torch.Tensor, source_index: torch.Tensor | None = None) -> None:
+        """Move every segment into fresh buffers with the given capacities.
+
+        ``source_index`` (int64 ``[batch]``) makes new row b a copy of old row
+        ``source_index[b]`` (beam reordering, batch selection or repetition).
+        """
+        src_start, length = self.start, self._length_host
+        if source_index is not None:
+            idx_host = source_index.to("cpu", torch.int64)
+            src_start = src_start[source_index.to(src_start.device)]
+            length = length[idx_host]
+        total = int(capacity.sum())
+        new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity)
+        copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
+        self.__dict__.update(new.__dict__)
+
+    def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment."""
+        if valid is None:
+            added = torch.full((new_k.shape[0], 1), new_k.shape[2], dtype=torch.int64)
+        else:
+            added = valid.sum(-1, keepdim=True).to("cpu", torch.int64)
+        needed = self._length_host + added
+        if bool((needed > self._cap_host).any()):
+            slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=MIN_SLACK)
+            self._relayout(needed + slack)
+        append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
+        self._length_host += added
+        self.length += added.to(self.length.device)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Make row b a copy of row ``index[b]`` (reorder, select or repeat sequences)."""
+        self._relayout(self._cap_host[index.to("cpu", torch.int64)], source_index=index)

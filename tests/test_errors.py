@@ -1,0 +1,117 @@
+"""Bad input gets a clear error, raised before anything is changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import padded_batch, tiny_model
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from adakv import AdaKVCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0}, "int >= 1|>= 1"),
+        ({"budget": -3}, ">= 1"),
+        ({"budget": 0.0}, r"\(0, 1\]"),
+        ({"budget": -0.5}, r"\(0, 1\]"),
+        ({"budget": 1.5}, r"\(0, 1\]"),
+        ({"budget": float("nan")}, r"\(0, 1\]"),
+        ({"budget": "0.2"}, "must be a number"),
+        ({"budget": None}, "must be a number"),
+        ({"budget": True}, "must be a number"),
+        ({"budget": 0.2, "window": 0}, "window"),
+        ({"budget": 0.2, "window": 2.5}, "window"),
+        ({"budget": 0.2, "scorer": "snapkvv"}, "Valid names: snapkv"),
+        ({"budget": 0.2, "allocator": "fair"}, "Valid names: adakv, uniform"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_model_unchanged(model, kwargs, match):
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        AdaKVCache(model, **kwargs)
+    assert model.config._attn_implementation == before
+
+
+def test_wrong_types(model):
+    with pytest.raises(TypeError, match="Scorer instance"):
+        AdaKVCache(model, budget=0.2, scorer=3)
+    with pytest.raises(TypeError, match="Allocator instance"):
+        AdaKVCache(model, budget=0.2, allocator=object())
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        AdaKVCache("meta-llama/Llama-3.1-8B", budget=0.2)
+
+
+class NoInterfaceConfig(PretrainedConfig):
+    model_type = "adakv-test-no-interface"
+
+
+class NoInterfaceModel(PreTrainedModel):
+    """A model with its own hard-wired attention (no AttentionInterface)."""
+
+    config_class = NoInterfaceConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = nn.Linear(4, 4)
+        self.post_init()
+
+
+def test_model_without_attention_interface_is_named():
+    model = NoInterfaceModel(NoInterfaceConfig(num_hidden_layers=1))
+    with pytest.raises(ValueError, match="NoInterfaceModel does not run its attention through"):
+        AdaKVCache(model, budget=0.2)
+
+
+def test_unsupported_attention_implementation():
+    config = tiny_model("llama").config
+    config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        AdaKVCache(config, budget=0.2)
+    assert config._attn_implementation == "flex_attention"
+
+
+def test_cache_reused_with_another_model_shape(model):
+    ids, mask = padded_batch()
+    cache = AdaKVCache(model, budget=0.5)
+    other = tiny_model("llama", num_key_value_heads=4)
+    AdaKVCache(other, budget=0.5)  # activated, but the first cache is the one passed
+    with pytest.raises(ValueError, match=r"\(kv_heads, head_dim\) = \(2, 16\)"):
+        other(ids, attention_mask=mask, past_key_values=cache)
+    deeper = tiny_model("llama", num_hidden_layers=5)
+    AdaKVCache(deeper, budget=0.5)
+    with pytest.raises(ValueError, match="made for a model with 3 layers"):
+        deeper(ids, attention_mask=mask, past_key_values=AdaKVCache(model, budget=0.5))
+
+
+def test_attention_switched_away_after_creation():
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    cache = AdaKVCache(model, budget=0.5)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="no longer uses adakv's attention"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_cache_of_one_model_used_by_another_unactivated_model(model):
+    """Same shape, but the second model never had adakv activated: the stock attention meets our keys."""
+    ids, mask = padded_batch()
+    twin = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="not adakv's"):
+        twin(ids, attention_mask=mask, past_key_values=AdaKVCache(model, budget=0.5))
+
+
+def test_right_padding_is_refused(model):
+    ids, mask = padded_batch()
+    right = torch.flip(mask, [-1])
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        model(ids, attention_mask=right, past_key_values=AdaKVCache(model, budget=0.5))

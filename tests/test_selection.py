@@ -1,0 +1,159 @@
+"""Scorers, allocators and the budget logic on small hand-checkable examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adakv.allocators import AdaKV, Uniform, topk_mask
+from adakv.compression import Compressor
+from adakv.scorers import ScoreInputs, SnapKV
+from adakv.scorers.snapkv import pool_outside_window
+
+
+def kept(mask: torch.Tensor) -> list:
+    """Kept positions per (b, h) as nested lists."""
+    return [[row.nonzero().flatten().tolist() for row in b] for b in mask]
+
+
+# -- allocators --------------------------------------------------------------------------------------------------------
+def test_uniform_keeps_top_budget_per_head():
+    scores = torch.tensor([[[9.0, 8, 7, 6, 5, 4], [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]]])
+    assert kept(Uniform()(scores, torch.tensor([2]))) == [[[0, 1], [4, 5]]]
+
+
+def test_adakv_heads_compete_and_safeguard_protects_weak_head():
+    scores = torch.tensor([[[9.0, 8, 7, 6, 5, 4], [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]]])
+    budget = torch.tensor([3])  # 6 slots for the layer
+    # alpha 0: the strong head wins every slot.
+    assert kept(AdaKV(alpha=0.0)(scores, budget)) == [[[0, 1, 2, 3, 4, 5], []]]
+    # alpha 1/3: floor(1) each first (positions 0 and 5), then 4 slots jointly -> all to head 0.
+    assert kept(AdaKV(alpha=1 / 3)(scores, budget)) == [[[0, 1, 2, 3, 4], [5]]]
+    # alpha 1: identical to uniform.
+    assert kept(AdaKV(alpha=1.0)(scores, budget)) == [[[0, 1, 2], [3, 4, 5]]]
+
+
+def test_adakv_gqa_layer_with_uneven_winners():
+    scores = torch.tensor([[[0.9, 0.1, 0.8, 0.2], [0.7, 0.6, 0.05, 0.5], [0.3, 0.01, 0.02, 0.4]]])
+    mask = AdaKV(alpha=0.0)(scores, torch.tensor([2]))  # 6 of 12: 0.9 .8 .7 .6 .5 .4
+    assert kept(mask) == [[[0, 2], [0, 1, 3], [3]]]
+    assert int(mask.sum()) == 6
+
+
+def test_allocators_batch_with_padding_and_own_budgets():
+    inf = float("inf")
+    scores = torch.tensor(
+        [
+            [[-inf, -inf, 0.5, 0.9, 0.1, inf], [-inf, -inf, 0.2, 0.3, 0.8, inf]],  # 4 real tokens
+            [[0.6, 0.58, 0.2, 0.7, 0.3, inf], [0.5, 0.4, 0.9, 0.05, 0.3, inf]],  # 6 real tokens
+        ]
+    )
+    budget = torch.tensor([2, 3])
+    uni = Uniform()(scores, budget)
+    assert kept(uni) == [[[3, 5], [4, 5]], [[0, 3, 5], [0, 2, 5]]]
+    ada = AdaKV(alpha=0.0)(scores, budget)
+    assert kept(ada) == [[[3, 5], [4, 5]], [[0, 1, 3, 5], [2, 5]]]  # 0.58 beats head 1's 0.5
+    assert ada.sum((1, 2)).tolist() == [4, 6]
+    assert not ada[0, :, :2].any()  # padding never kept
+
+
+def test_topk_mask_zero_and_varying_k():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
+    assert topk_mask(scores, torch.tensor([0, 2])).tolist() == [[False, False, False], [False, True, True]]
+
+
+def test_adakv_alpha_validation():
+    for bad in (-0.1, 1.5, "0.2", True):
+        with pytest.raises(ValueError, match="alpha"):
+            AdaKV(alpha=bad)
+
+
+# -- SnapKV ------------------------------------------------------------------------------------------------------------
+def _inputs(queries, keys, window, valid=None):
+    bsz, _, seq, _ = keys.shape
+    if valid is None:
+        valid = torch.ones(bsz, seq, dtype=torch.bool)
+    return ScoreInputs(queries, keys, torch.randn_like(keys), valid, window, 0.5, None, nn.Identity())
+
+
+def _one_hot_case():
+    """Head 0's window queries look at position 1, head 1's at position 4 (8 tokens, window 2)."""
+    keys = torch.zeros(1, 2, 8, 4)
+    keys[0, 0, 1, 0] = 10.0
+    keys[0, 1, 4, 1] = 10.0
+    queries = torch.zeros(1, 2, 8, 4)
+    queries[0, 0, :, 0] = 10.0
+    queries[0, 1, :, 1] = 10.0
+    return queries, keys
+
+
+def test_snapkv_scores_point_at_attended_tokens():
+    queries, keys = _one_hot_case()
+    scores = SnapKV(kernel_size=1)(_inputs(queries, keys, window=2))
+    assert scores.shape == (1, 2, 8)
+    assert scores[0, 0].argmax() == 1 and scores[0, 1].argmax() == 4
+    assert scores[0, 0, 1] > 0.99 and scores[0, 1, 4] > 0.99
+
+
+def test_snapkv_pooling_by_hand():
+    s = torch.tensor([[[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5]]])
+    # window 2 is cut off before pooling, so the last two positions never leak into the rest
+    assert pool_outside_window(s, 2, "max", 3).tolist() == [[[0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]]
+    avg = pool_outside_window(s, 2, "avg", 3)
+    torch.testing.assert_close(avg, torch.tensor([[[0.0, 1 / 3, 1 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0]]]))
+
+
+def test_snapkv_gqa_mean_and_max():
+    """Two query heads share one KV head: one looks at position 1, the other at position 3."""
+    keys = torch.zeros(1, 1, 8, 4)
+    keys[0, 0, 1, 0] = 10.0
+    keys[0, 0, 3, 1] = 10.0
+    queries = torch.zeros(1, 2, 8, 4)
+    queries[0, 0, :, 0] = 10.0
+    queries[0, 1, :, 1] = 2.0  # weaker preference for position 3
+    inp = _inputs(queries, keys, window=2)
+    mean = SnapKV(kernel_size=1, gqa="mean")(inp)[0, 0]
+    mx = SnapKV(kernel_size=1, gqa="max")(inp)[0, 0]
+    assert mean[1] > mean[3] > mean[0]
+    assert mx[1] > 0.99 and mx[3] == pytest.approx(float(torch.softmax(torch.tensor([0, 0, 0, 10.0] + [0] * 3), 0)[3]), rel=1e-3)
+
+
+def test_snapkv_options_validation():
+    for kwargs in ({"pooling": "median"}, {"kernel_size": 0}, {"kernel_size": 4}, {"gqa": "sum"}):
+        with pytest.raises(ValueError):
+            SnapKV(**kwargs)
+
+
+# -- the whole selection: budget, window, padding -----------------------------------------------------------------------
+def test_compressor_keeps_window_and_top_tokens():
+    queries, keys = _one_hot_case()
+    comp = Compressor(3, SnapKV(kernel_size=1), Uniform(), window=2)
+    assert kept(comp.select(_inputs(queries, keys, window=2))) == [[[1, 6, 7], [4, 6, 7]]]
+
+
+def test_compressor_budget_rounding_and_padding():
+    queries, keys = _one_hot_case()
+    queries, keys = queries.repeat(2, 1, 1, 1), keys.repeat(2, 1, 1, 1)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :3] = False  # 5 real tokens
+    comp = Compressor(0.3, SnapKV(kernel_size=1), AdaKV(), window=1)
+    assert comp.tokens_per_head(torch.tensor([8, 5])).tolist() == [2, 2]  # round(2.4), round(1.5)
+    mask = comp.select(_inputs(queries, keys, window=1, valid=valid))
+    assert mask.sum((1, 2)).tolist() == [4, 4]
+    assert not mask[1, :, :3].any()
+    assert mask[:, :, 7].all()  # window always kept
+
+
+def test_compressor_keeps_short_prompt_whole():
+    queries, keys = _one_hot_case()
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    valid[0, :2] = False
+    mask = Compressor(100, SnapKV(), AdaKV(), window=32).select(_inputs(queries, keys, window=32, valid=valid))
+    assert mask.tolist() == [[valid[0].tolist()] * 2]
+
+
+def test_budget_smaller_than_window_still_exact():
+    queries, keys = _one_hot_case()
+    mask = Compressor(2, SnapKV(), AdaKV(), window=32).select(_inputs(queries, keys, window=32))
+    assert kept(mask) == [[[6, 7], [6, 7]]]

@@ -1,0 +1,59 @@
+"""Tiny random-weight decoders of every supported family (a few layers, hidden 64)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
+    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 16}),
+    "gemma2": (
+        tf.Gemma2Config,
+        tf.Gemma2ForCausalLM,
+        {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0},
+    ),
+    "gemma3": (
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    ),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> tf.PreTrainedModel:
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Random init gives near-uniform logits; sharper weights make greedy decoding decisive.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def padded_batch(seq_len: int = 48, pad: int = 7, seed: int = 0, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, the first left-padded by ``pad`` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :pad] = 0
+    mask[0, :pad] = 0
+    return ids, mask
