@@ -29,7 +29,7 @@ def dense_kv_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
-def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tokens: int) -> tuple[str, float]:
+def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tokens: int) -> tuple[str, float, int]:
     """Generate an answer; in question-agnostic mode the document is prefilled (and compressed) first."""
     full = sample.full_prompt_ids()
     start = time.perf_counter()
@@ -41,7 +41,8 @@ def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tok
             full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False
         )
     elapsed = time.perf_counter() - start
-    return tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True).strip(), elapsed
+    new = out[0, full.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), elapsed, new.numel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,19 +70,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prompt: {n_prompt} tokens, hidden fact: {sample.needle!r} at depth {args.depth} ({mode})\n")
 
     full_cache = DynamicCache(config=model.config)
-    full_text, full_time = answer(model, tokenizer, sample, full_cache, args.question_agnostic, args.max_new_tokens)
+    full_text, full_time, full_new = answer(model, tokenizer, sample, full_cache, args.question_agnostic, args.max_new_tokens)
     ada = AdaKVCache(model, budget=args.budget, scorer=args.scorer, allocator=args.allocator)
-    ada_text, ada_time = answer(model, tokenizer, sample, ada, args.question_agnostic, args.max_new_tokens)
+    ada_text, ada_time, ada_new = answer(model, tokenizer, sample, ada, args.question_agnostic, args.max_new_tokens)
 
     full_bytes, ada_bytes = dense_kv_bytes(full_cache), ada.kv_bytes()
     rows = [
-        ("full cache (DynamicCache)", full_text, full_bytes, full_time),
-        (f"AdaKVCache budget={args.budget}", ada_text, ada_bytes, ada_time),
+        ("full cache (DynamicCache)", full_text, full_bytes, full_time, full_new),
+        (f"AdaKVCache budget={args.budget}", ada_text, ada_bytes, ada_time, ada_new),
     ]
-    for name, text, nbytes, secs in rows:
+    for name, text, nbytes, secs, n_new in rows:
         verdict = "correct" if is_correct(text, sample) else "WRONG"
         print(f"{name}\n  answer: {text!r} ({verdict}, expected {sample.answer})")
-        print(f"  KV memory: {nbytes / 2**20:.2f} MiB   time: {secs:.2f} s")
+        print(f"  KV memory: {nbytes / 2**20:.2f} MiB   time: {secs:.2f} s (prefill + {n_new} new tokens)")
     print(f"\nAdaKVCache holds {ada_bytes / full_bytes:.1%} of the full cache's K/V bytes.")
     kept = ada.kept_lengths(0)[0].tolist()
     print(f"tokens kept per KV head in layer 0 (of {ada.get_seq_length()} seen): {kept}")
