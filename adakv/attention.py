@@ -86,7 +86,9 @@ def _prefill(base, module, query, handle, mask, scaling, kwargs):
             "Set tokenizer.padding_side = 'left'."
         )
     layer = handle.layer
-    inputs = ScoreInputs(query, keys, values, valid, layer.compressor.window, scaling, softcap, module)
+    inputs = ScoreInputs(
+        query, keys, values, valid, layer.compressor.window, scaling, softcap, module, layer.rank, layer.num_compressed
+    )
     layer.store = RaggedKV.from_dense(keys, values, layer.compressor.select(inputs))
     return out
 

@@ -94,6 +94,9 @@ class AdaKVCache(Cache):
             AdaKVLayer(compressor, self._check_update) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for kind, kw in zip(layer_types, layer_kwargs)
         ]
+        compressed = [layer for layer in layers if isinstance(layer, AdaKVLayer)]
+        for rank, layer in enumerate(compressed):
+            layer.rank, layer.num_compressed = rank, len(compressed)
         super().__init__(layers=layers)
         attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
 

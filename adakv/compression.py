@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .allocators import Allocator
-from .scorers import Scorer, ScoreInputs
+from .scorers import Scorer, ScoreInputs, StagedScores
 
 
 def check_budget(budget: object) -> float | int:
@@ -63,23 +63,38 @@ class Compressor:
         bsz, heads, seq, _ = inputs.keys.shape
         n_valid = valid.sum(-1).cpu()
         per_head = self.tokens_per_head(n_valid)
+        per_head = self.allocator.layer_budget(per_head, n_valid, inputs.layer, inputs.num_layers, self.window)
+        per_head = per_head.clamp(min=1).minimum(n_valid)
         whole = valid[:, None, :].expand(bsz, heads, seq)
         if bool((per_head >= n_valid).all()):
             return whole.clone()
-        scores = self.scorer(inputs)
-        if scores.shape != (bsz, heads, seq):
+        out = self.scorer(inputs)
+        protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
+        pos_from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
+        protected = (pos_from_end[None, :] < protect[:, None])[:, None, :]  # left padding: the window is the tail
+        budget = per_head.to(valid.device)
+        if isinstance(out, StagedScores):
+            first = self._prepare(out.first, heads, protected, valid)
+            # the first stage chooses its fraction of the budget left after the window, as in the paper's code
+            stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
+            kept_first = self.allocator(first, stage1)
+            second = self._prepare(out.second, heads, protected | kept_first, valid)
+            keep = self.allocator(second, budget)
+        else:
+            keep = self.allocator(self._prepare(out, heads, protected, valid), budget)
+        within = (per_head >= n_valid).to(valid.device)
+        return torch.where(within[:, None, None], whole, keep & valid[:, None, :])
+
+    def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""
+        expected = (valid.shape[0], heads, valid.shape[1])
+        if tuple(scores.shape) != expected:
             raise ValueError(
-                f"{self.scorer!r} returned scores of shape {tuple(scores.shape)}; expected {(bsz, heads, seq)} "
+                f"{self.scorer!r} returned scores of shape {tuple(scores.shape)}; expected {expected} "
                 "([batch, kv_heads, seq])."
             )
         scores = scores.float().nan_to_num(nan=0.0, posinf=torch.finfo(torch.float32).max)
-        protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
-        pos_from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
-        protected = pos_from_end[None, :] < protect[:, None]  # left padding: the window is the tail
-        scores = scores.masked_fill(protected[:, None, :], float("inf")).masked_fill(~valid[:, None, :], float("-inf"))
-        keep = self.allocator(scores, per_head.to(valid.device))
-        within = (per_head >= n_valid).to(valid.device)
-        return torch.where(within[:, None, None], whole, keep & valid[:, None, :])
+        return scores.masked_fill(protected, float("inf")).masked_fill(~valid[:, None, :], float("-inf"))
 
     def __repr__(self) -> str:
         return f"Compressor(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, window={self.window})"

@@ -33,6 +33,7 @@ class AdaKVLayer(CacheLayerMixin):
         self._check = check
         self.store: RaggedKV | None = None
         self.seen = 0
+        self.rank, self.num_compressed = 0, 1  # index among the cache's compressed layers (set by the cache)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

@@ -30,8 +30,8 @@ def model():
         ({"budget": True}, "must be a number"),
         ({"budget": 0.2, "window": 0}, "window"),
         ({"budget": 0.2, "window": 2.5}, "window"),
-        ({"budget": 0.2, "scorer": "snapkvv"}, "Valid names: snapkv"),
-        ({"budget": 0.2, "allocator": "fair"}, "Valid names: adakv, uniform"),
+        ({"budget": 0.2, "scorer": "snapkvv"}, "Valid names: .*snapkv"),
+        ({"budget": 0.2, "allocator": "fair"}, "Valid names: adakv, .*uniform"),
     ],
 )
 def test_bad_arguments_raise_and_leave_model_unchanged(model, kwargs, match):

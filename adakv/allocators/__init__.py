@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .adakv import AdaKV
 from .base import Allocator, topk_mask
+from .pyramidkv import PyramidKV
 from .uniform import Uniform
 
-ALLOCATORS: dict[str, type[Allocator]] = {"adakv": AdaKV, "uniform": Uniform}
+ALLOCATORS: dict[str, type[Allocator]] = {cls.name: cls for cls in (Uniform, AdaKV, PyramidKV)}
 
 
 def get_allocator(spec: str | Allocator) -> Allocator:
@@ -23,4 +24,4 @@ def get_allocator(spec: str | Allocator) -> Allocator:
     )
 
 
-__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "Uniform", "get_allocator", "topk_mask"]
+__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "PyramidKV", "Uniform", "get_allocator", "topk_mask"]

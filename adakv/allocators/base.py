@@ -23,6 +23,19 @@ class Allocator(ABC):
     @abstractmethod
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor: ...
 
+    def layer_budget(
+        self, budget: torch.Tensor, n_valid: torch.Tensor, layer: int, num_layers: int, window: int
+    ) -> torch.Tensor:
+        """Per-head budget of one layer, from the cache's average per-head ``budget`` ``[B]``.
+
+        ``n_valid`` ``[B]`` are the sequences' real lengths, ``layer`` the index among the
+        ``num_layers`` compressed layers, ``window`` the observation window.
+
+        The default gives every layer the same; layer-wise allocators (PyramidKV)
+        override it, keeping the average over layers equal to ``budget``.
+        """
+        return budget
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"

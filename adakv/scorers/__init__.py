@@ -1,11 +1,19 @@
-"""Scorers: which tokens matter, per (sequence, KV head)."""
+"""Scorers: which tokens matter, per (sequence, KV head). One method per file."""
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs, window_attention
+from .base import Scorer, ScoreInputs, StagedScores, window_attention
+from .criticalkv import CriticalKV
+from .h2o import H2O
+from .knorm import KeyNorm
+from .random_scores import Random
 from .snapkv import SnapKV
+from .streamingllm import StreamingLLM
+from .tova import TOVA
 
-SCORERS: dict[str, type[Scorer]] = {"snapkv": SnapKV}
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (SnapKV, H2O, CriticalKV, StreamingLLM, KeyNorm, TOVA, Random)
+}
 
 
 def get_scorer(spec: str | Scorer) -> Scorer:
@@ -20,4 +28,18 @@ def get_scorer(spec: str | Scorer) -> Scorer:
     raise TypeError(f"scorer must be a name ({', '.join(sorted(SCORERS))}) or a Scorer instance, got {type(spec).__name__}.")
 
 
-__all__ = ["SCORERS", "Scorer", "ScoreInputs", "SnapKV", "get_scorer", "window_attention"]
+__all__ = [
+    "SCORERS",
+    "TOVA",
+    "CriticalKV",
+    "H2O",
+    "KeyNorm",
+    "Random",
+    "ScoreInputs",
+    "Scorer",
+    "SnapKV",
+    "StagedScores",
+    "StreamingLLM",
+    "get_scorer",
+    "window_attention",
+]

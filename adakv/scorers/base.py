@@ -17,7 +17,8 @@ class ScoreInputs:
     valid: bool ``[B, L]``, False at padding; window: size of the observation
     window (the last ``window`` prompt tokens); scaling and softcap: the layer's
     attention logit scale and optional tanh soft-capping; module: the attention
-    module (for ``o_proj`` and head counts).
+    module (for ``o_proj`` and head counts); layer / num_layers: this layer's
+    index among the cache's compressed layers, and their count.
     """
 
     queries: torch.Tensor
@@ -28,10 +29,25 @@ class ScoreInputs:
     scaling: float
     softcap: float | None
     module: nn.Module
+    layer: int = 0
+    num_layers: int = 1
 
     @property
     def group_size(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
+
+
+@dataclass
+class StagedScores:
+    """Two-stage selection, returned by scorers such as CriticalKV.
+
+    The allocator first keeps ``first_fraction`` of the budget by ``first``; the
+    rest of the budget is then filled by ``second`` (both ``[B, H_kv, L]``).
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    first_fraction: float
 
 
 class Scorer(ABC):
@@ -44,7 +60,7 @@ class Scorer(ABC):
     name: str = "scorer"
 
     @abstractmethod
-    def __call__(self, inputs: ScoreInputs) -> torch.Tensor: ...
+    def __call__(self, inputs: ScoreInputs) -> torch.Tensor | StagedScores: ...
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

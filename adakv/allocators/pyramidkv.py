@@ -1,0 +1,50 @@
+"""PyramidKV layer-wise budgets."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Allocator
+from .uniform import Uniform
+
+
+class PyramidKV(Allocator):
+    """PyramidKV: lower layers keep more tokens than upper ones, linearly in depth.
+
+    Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal
+    Information Funneling", 2024 (arXiv:2406.02069).
+
+    With per-head budget B (window w included) over n layers, and b = B - w:
+    the bottom layer gets b_max = 2b - b_min and the top one b_min = b / beta
+    (b_max capped at the prompt length, b_min raised to match); layer l gets w + b_max - l * (b_max - b_min) / (n - 1), so the average over
+    layers stays B (up to rounding). Inside a layer, ``heads`` allocates
+    (uniform in the paper; ``PyramidKV(AdaKV())`` is the head-adaptive variant).
+
+    Args:
+        beta: ratio of the mean to the top layer's non-window budget (20 in the paper).
+        heads: the within-layer allocator.
+    """
+
+    name = "pyramidkv"
+
+    def __init__(self, beta: float = 20.0, heads: Allocator | None = None):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
+            raise ValueError(f"PyramidKV beta must be a number >= 1, got {beta!r}.")
+        self.beta = float(beta)
+        self.heads = heads if heads is not None else Uniform()
+
+    def layer_budget(
+        self, budget: torch.Tensor, n_valid: torch.Tensor, layer: int, num_layers: int, window: int
+    ) -> torch.Tensor:
+        if num_layers < 2:
+            return budget
+        win = budget.clamp(max=window)
+        rest = (budget - win).double()
+        high = 2 * rest - rest / self.beta
+        high = torch.minimum(high, (n_valid - win).double())  # the bottom layer cannot keep more than the prompt
+        low = 2 * rest - high
+        step = (high - low) / (num_layers - 1)
+        return win + torch.floor(high - layer * step + 0.5).long()
+
+    def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        return self.heads(scores, budget)

@@ -1,0 +1,88 @@
+"""CriticalKV: output-perturbation-aware selection wrapped around a base scorer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Scorer, ScoreInputs, StagedScores
+
+# Elements of one chunk of v W_O products ([B, G, chunk, D]).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def output_projection(module: nn.Module) -> torch.Tensor:
+    """The attention module's ``o_proj`` weight ``[hidden, H_q * head_dim]``, or a clear error."""
+    proj = getattr(module, "o_proj", None)
+    weight = getattr(proj, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"This scorer needs the attention output projection, but {type(module).__name__} has no 2-D "
+            "`o_proj.weight`. Use a scorer without a value term (e.g. 'snapkv')."
+        )
+    return weight
+
+
+def value_perturbation(inputs: ScoreInputs, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """N_j = (1/G) sum_g || v_j W_O^(g) ||_1 per KV head, fp32 ``[B, H_kv, L]``.
+
+    W_O^(g) is the ``head_dim x hidden`` slice of o_proj that query head g's output
+    goes through: how far token j's value can move the layer's output.
+    """
+    values = inputs.values
+    bsz, h_kv, seq, dim = values.shape
+    group = inputs.group_size
+    weight = output_projection(inputs.module)
+    hidden = weight.shape[0]
+    if weight.shape[1] != h_kv * group * dim:
+        raise ValueError(
+            f"o_proj of {type(inputs.module).__name__} has {weight.shape[1]} inputs; expected H_q * head_dim = "
+            f"{h_kv * group * dim}."
+        )
+    w = weight.float().reshape(hidden, h_kv, group, dim)  # query head h*G+g reads columns of slice (h, g)
+    out = torch.empty(bsz, h_kv, seq, dtype=torch.float32, device=values.device)
+    chunk = max(1, chunk_elements // max(1, bsz * group * hidden))
+    for h in range(h_kv):
+        w_h = w[:, h].permute(1, 2, 0)  # [G, d, hidden]
+        for lo in range(0, seq, chunk):
+            v = values[:, h, lo : lo + chunk].float()  # [B, c, d]
+            proj = torch.einsum("bcd,gdo->bgco", v, w_h)
+            out[:, h, lo : lo + chunk] = proj.abs().sum(-1).mean(1)
+    return out
+
+
+class CriticalKV(Scorer):
+    """CriticalKV: select by attention *and* by how much a token's value moves the output.
+
+    Feng et al., "Identify Critical KV Cache in LLM Inference from an Output
+    Perturbation Perspective", 2025 (arXiv:2502.03805).
+
+    With s the base score (SnapKV by default) and N_j = (1/G) sum_g ||v_j W_O^(g)||_1:
+    first keep ``first_stage`` of the budget by s, then fill the rest by (s + eps) * N_j.
+    Works with any allocator (``ada-criticalkv`` = CriticalKV + Ada-KV).
+
+    Args:
+        base: the base scorer (name or instance).
+        first_stage: fraction of the budget chosen by the base score, in (0, 1].
+        eps: keeps tokens with a tiny base score comparable, 1e-4 as in the paper.
+    """
+
+    name = "criticalkv"
+
+    def __init__(self, base: str | Scorer = "snapkv", first_stage: float = 0.5, eps: float = 1e-4):
+        from . import get_scorer
+
+        if isinstance(first_stage, bool) or not isinstance(first_stage, (int, float)) or not 0.0 < first_stage <= 1.0:
+            raise ValueError(f"CriticalKV first_stage must be in (0, 1], got {first_stage!r}.")
+        if not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"CriticalKV eps must be >= 0, got {eps!r}.")
+        self.base = get_scorer(base)
+        self.first_stage = float(first_stage)
+        self.eps = float(eps)
+
+    def __call__(self, inputs: ScoreInputs) -> StagedScores:
+        base = self.base(inputs)
+        if isinstance(base, StagedScores):
+            raise ValueError("CriticalKV needs a plain base scorer, not another two-stage one.")
+        base = base.float()
+        return StagedScores(base, (base + self.eps) * value_perturbation(inputs), self.first_stage)

@@ -1,0 +1,21 @@
+"""TOVA scorer (the last token's attention)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Scorer, ScoreInputs, window_attention
+
+
+class TOVA(Scorer):
+    """TOVA: keep what the last prompt token attends to, averaged over the KV group's query heads.
+
+    Oren et al., "Transformers are Multi-State RNNs", 2024 (arXiv:2401.06104).
+    s_j = mean_g softmax(q_last^(g) K^T * scaling)_j.
+    """
+
+    name = "tova"
+
+    def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
+        last = ScoreInputs(**{**vars(inputs), "window": 1})
+        return window_attention(last)[:, :, :, 0].mean(2)

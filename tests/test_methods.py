@@ -1,0 +1,164 @@
+"""The method catalogue: each scorer / allocator on a small example worked out by hand or densely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adakv.allocators import AdaKV, PyramidKV, Uniform
+from adakv.compression import Compressor
+from adakv.scorers import H2O, TOVA, CriticalKV, KeyNorm, Random, ScoreInputs, Scorer, StreamingLLM
+from adakv.scorers.criticalkv import value_perturbation
+
+
+def kept(mask):
+    return [[row.nonzero().flatten().tolist() for row in b] for b in mask]
+
+
+def make_inputs(bsz=1, h_kv=2, group=1, seq=8, dim=4, valid=None, seed=0, module=None, window=2):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, h_kv * group, seq, dim, generator=gen)
+    k = torch.randn(bsz, h_kv, seq, dim, generator=gen)
+    v = torch.randn(bsz, h_kv, seq, dim, generator=gen)
+    if valid is None:
+        valid = torch.ones(bsz, seq, dtype=torch.bool)
+    return ScoreInputs(q, k, v, valid, window, dim**-0.5, None, module or nn.Identity())
+
+
+def dense_h2o(inp: ScoreInputs) -> torch.Tensor:
+    q, k = inp.queries.double(), inp.keys.double()
+    bsz, h_kv, seq, _ = k.shape
+    group = q.shape[1] // h_kv
+    k = k.repeat_interleave(group, 1)
+    logits = q @ k.transpose(-1, -2) * inp.scaling
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    allowed = causal[None] & inp.valid[:, None, :] & inp.valid[:, :, None]
+    probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+    return probs.sum(2).reshape(bsz, h_kv, group, seq).mean(2)
+
+
+@pytest.mark.parametrize("block_elements", [1, 64, 1 << 20])
+def test_h2o_blockwise_equals_dense(block_elements):
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, :6] = False
+    inp = make_inputs(bsz=2, h_kv=2, group=3, seq=37, dim=8, valid=valid, seed=1)
+    out = H2O(block_elements=block_elements)(inp)
+    torch.testing.assert_close(out.double(), dense_h2o(inp), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out[1, :, :6], torch.zeros(2, 6))  # padding gets no attention
+
+
+def test_h2o_hand_example():
+    """Two tokens, identical keys: query 0 gives token 0 mass 1, query 1 splits 1/2 + 1/2."""
+    q = torch.zeros(1, 1, 2, 2)
+    k = torch.ones(1, 1, 2, 2)
+    inp = ScoreInputs(q, k, k, torch.ones(1, 2, dtype=torch.bool), 1, 1.0, None, nn.Identity())
+    assert H2O()(inp).tolist() == [[[1.5, 0.5]]]
+
+
+def test_streamingllm_keeps_sinks_and_recent():
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :3] = False
+    inp = make_inputs(bsz=2, seq=10, valid=valid)
+    mask = Compressor(5, StreamingLLM(sinks=2), Uniform(), window=1).select(inp)
+    assert kept(mask) == [[[0, 1, 7, 8, 9]] * 2, [[3, 4, 7, 8, 9]] * 2]
+
+
+def test_knorm_keeps_small_keys():
+    inp = make_inputs(h_kv=1, seq=4)
+    inp.keys[0, 0] = torch.tensor([[3.0, 0, 0, 0], [0.5, 0, 0, 0], [2.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    assert KeyNorm()(inp).tolist() == [[[-3.0, -0.5, -2.0, -1.0]]]
+
+
+def test_tova_uses_last_query_only():
+    inp = make_inputs(h_kv=1, group=2, seq=5, dim=2)
+    inp.keys.zero_()
+    inp.keys[0, 0, 1, 0] = 5.0
+    inp.queries.zero_()
+    inp.queries[0, :, -1, 0] = 4.0  # only the last query looks at token 1
+    scores = TOVA()(inp)
+    p = torch.softmax(torch.tensor([0.0, 20.0 / 2**0.5, 0, 0, 0]), 0)
+    torch.testing.assert_close(scores[0, 0], p)
+
+
+def test_random_is_seeded():
+    inp = make_inputs()
+    assert torch.equal(Random(seed=3)(inp), Random(seed=3)(inp))
+    assert not torch.equal(Random(seed=3)(inp), Random(seed=4)(inp))
+
+
+class _OProj(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.o_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.o_proj.weight.data = weight
+
+
+def test_value_perturbation_by_hand():
+    # 1 KV head, 2 query heads of head_dim 2, hidden 2: W_O columns [0:2] for head 0, [2:4] for head 1
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+    inp = make_inputs(h_kv=1, group=2, seq=2, dim=2, module=_OProj(weight))
+    inp.values[0, 0] = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
+    # token 0: head0 W v = (1, 1) -> 2; head1 (2, -1) -> 3; mean 2.5. token 1: (0,3) -> 3; (0,-3) -> 3; mean 3
+    assert value_perturbation(inp).tolist() == [[[2.5, 3.0]]]
+
+
+class Fixed(Scorer):
+    def __init__(self, scores):
+        self.scores = torch.tensor(scores)
+
+    def __call__(self, inputs):
+        return self.scores.clone()
+
+
+def test_criticalkv_two_stage_selection():
+    """Stage 1 keeps half of the non-window budget by the base score; stage 2 fills by (s + eps) * N."""
+    weight = torch.eye(2).repeat(1, 1)  # 1 query head, W_O = I: N_j = ||v_j||_1
+    inp = make_inputs(h_kv=1, group=1, seq=6, dim=2, module=_OProj(weight), window=1)
+    inp.values[0, 0] = torch.tensor([[1.0, 0], [10.0, 0], [0.1, 0], [8.0, 0], [1.0, 0], [1.0, 0]])
+    base = [[[0.9, 0.1, 0.5, 0.2, 0.3, 0.0]]]
+    plain = Compressor(3, Fixed(base), Uniform(), window=1).select(inp)
+    assert kept(plain) == [[[0, 2, 5]]]
+    crit = Compressor(3, CriticalKV(Fixed(base)), Uniform(), window=1).select(inp)
+    # window {5}; stage 1: floor(0.5 * 2) = 1 -> {0}; stage 2: (s+eps)*N = [.9, 1.0, .05, 1.6, .3] -> {3}
+    assert kept(crit) == [[[0, 3, 5]]]
+    with pytest.raises(ValueError, match="o_proj"):
+        Compressor(3, CriticalKV(Fixed(base)), Uniform(), window=1).select(make_inputs(h_kv=1, seq=6, window=1))
+
+
+def test_criticalkv_option_validation():
+    for kwargs in ({"first_stage": 0.0}, {"first_stage": 1.5}, {"eps": -1.0}):
+        with pytest.raises(ValueError):
+            CriticalKV(**kwargs)
+
+
+def test_pyramidkv_budgets_decrease_and_average():
+    pyr = PyramidKV(beta=4)
+    budget, n = torch.tensor([40]), torch.tensor([1000])
+    per_layer = [int(pyr.layer_budget(budget, n, layer, 5, window=8)) for layer in range(5)]
+    # b = 32: top = 8 + 32/4 = 16, bottom = 8 + 64 - 8 = 64, linear in between
+    assert per_layer == [64, 52, 40, 28, 16]
+    assert sum(per_layer) / 5 == 40
+    capped = [int(pyr.layer_budget(torch.tensor([40]), torch.tensor([50]), layer, 5, window=8)) for layer in range(5)]
+    assert capped[0] == 50 and capped == sorted(capped, reverse=True)
+    with pytest.raises(ValueError, match="beta"):
+        PyramidKV(beta=0.5)
+
+
+def test_pyramidkv_through_compressor_uses_layer_index():
+    inp = make_inputs(h_kv=2, seq=100, window=4)
+    masks = []
+    for layer in range(3):
+        inp.layer, inp.num_layers = layer, 3
+        masks.append(Compressor(20, Random(), PyramidKV(), window=4).select(inp))
+    counts = [int(m.sum()) // 2 for m in masks]
+    assert counts[0] > counts[1] > counts[2] and abs(sum(counts) / 3 - 20) <= 1
+
+
+def test_adakv_with_staged_scores_keeps_exact_budget():
+    weight = torch.randn(8, 8)
+    inp = make_inputs(bsz=2, h_kv=2, group=2, seq=50, dim=2, module=_OProj(weight), window=4)
+    inp.valid[1, :9] = False
+    mask = Compressor(0.3, CriticalKV(), AdaKV(), window=4).select(inp)
+    assert mask.sum((1, 2)).tolist() == [2 * 15, 2 * 12]
+    assert not mask[1, :, :9].any()
