@@ -5,22 +5,33 @@
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
 
-from .allocators import ALLOCATORS, AdaKV, Allocator, Uniform
+from .allocators import ALLOCATORS, AdaKV, Allocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
 from .cache import AdaKVCache
-from .scorers import SCORERS, Scorer, ScoreInputs, SnapKV
+from .methods import METHODS
+from .scorers import H2O, SCORERS, TOVA, CriticalKV, DefensiveKV, KeyNorm, Random, Scorer, ScoreInputs, SnapKV, StreamingLLM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALLOCATORS",
+    "H2O",
+    "METHODS",
     "SCORERS",
+    "TOVA",
     "AdaKV",
     "AdaKVCache",
     "Allocator",
+    "CriticalKV",
+    "DefensiveKV",
+    "KeyNorm",
+    "LayerAdaptive",
+    "PyramidKV",
+    "Random",
     "ScoreInputs",
     "Scorer",
     "SnapKV",
+    "StreamingLLM",
     "Uniform",
     "restore_attention",
 ]

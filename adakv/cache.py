@@ -11,6 +11,7 @@ from . import attention
 from .allocators import Allocator, get_allocator
 from .compression import Compressor
 from .layer import AdaKVLayer
+from .methods import get_method
 from .scorers import Scorer, get_scorer
 
 STOCK_LAYER_TYPES = ("sliding_attention", "chunked_attention")
@@ -57,10 +58,12 @@ class AdaKVCache(Cache):
         budget: float in (0, 1]: fraction of each prompt's tokens kept, averaged over
             KV heads; int >= 1: average tokens kept per KV head. The observation
             window counts inside it. A prompt within budget is kept whole.
-        scorer: a :class:`~adakv.scorers.Scorer` or a name (``"snapkv"``).
-        allocator: an :class:`~adakv.allocators.Allocator` or a name (``"adakv"``, ``"uniform"``).
+        scorer: a :class:`~adakv.scorers.Scorer` or a name (default ``"snapkv"``).
+        allocator: an :class:`~adakv.allocators.Allocator` or a name (default ``"adakv"``).
         window: observation window: the last ``window`` prompt tokens are always kept
             and their queries score the rest.
+        method: a named preset instead of scorer/allocator (``adakv.METHODS``), e.g.
+            ``"defensivekv"``, ``"ada-criticalkv"``, ``"pyramidkv"``, ``"streamingllm"``.
 
     Sliding-window layers (Gemma2/3, Mistral with a window) keep transformers' own
     dynamic layer. Padding must be on the left.
@@ -70,11 +73,19 @@ class AdaKVCache(Cache):
         self,
         model: PreTrainedModel | PretrainedConfig,
         budget: float | int,
-        scorer: str | Scorer = "snapkv",
-        allocator: str | Allocator = "adakv",
+        scorer: str | Scorer | None = None,
+        allocator: str | Allocator | None = None,
         window: int = 32,
+        method: str | None = None,
     ):
-        compressor = Compressor(budget, get_scorer(scorer), get_allocator(allocator), window)
+        if method is not None:
+            if scorer is not None or allocator is not None:
+                raise ValueError("Pass either method=... or scorer=/allocator=, not both.")
+            scorer_obj, allocator_obj = get_method(method)
+        else:
+            scorer_obj = get_scorer("snapkv" if scorer is None else scorer)
+            allocator_obj = get_allocator("adakv" if allocator is None else allocator)
+        compressor = Compressor(budget, scorer_obj, allocator_obj, window)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
         text_config = config.get_text_config(decoder=True)
@@ -97,6 +108,7 @@ class AdaKVCache(Cache):
         compressed = [layer for layer in layers if isinstance(layer, AdaKVLayer)]
         for rank, layer in enumerate(compressed):
             layer.rank, layer.num_compressed = rank, len(compressed)
+        compressor.layers = compressed
         super().__init__(layers=layers)
         attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
 

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .allocators import Allocator
+from .allocators import Allocator, LayerAdaptive
 from .scorers import Scorer, ScoreInputs, StagedScores
 
 
@@ -51,6 +51,7 @@ class Compressor:
         self.scorer = scorer
         self.allocator = allocator
         self.window = check_window(window)
+        self.layers: list = []  # the cache's compressed layers, in order (cross-layer allocators need them)
 
     def tokens_per_head(self, n_valid: torch.Tensor) -> torch.Tensor:
         if isinstance(self.budget, int):
@@ -80,10 +81,27 @@ class Compressor:
             kept_first = self.allocator(first, stage1)
             second = self._prepare(out.second, heads, protected | kept_first, valid)
             keep = self.allocator(second, budget)
+        elif getattr(self.allocator, "cross_layer", False):
+            keep = self._across_layers(self._prepare(out, heads, protected, valid), budget, inputs.layer)
         else:
             keep = self.allocator(self._prepare(out, heads, protected, valid), budget)
         within = (per_head >= n_valid).to(valid.device)
         return torch.where(within[:, None, None], whole, keep & valid[:, None, :])
+
+    def _across_layers(self, scores: torch.Tensor, budget: torch.Tensor, rank: int) -> torch.Tensor:
+        """Cascading cross-layer selection: this layer and the tokens earlier layers hold compete."""
+        earlier = self.layers[:rank]
+        if any(getattr(layer, "kept_scores", None) is None for layer in earlier):
+            raise ValueError("Cross-layer allocation needs the layers prefilled in order, in one forward.")
+        pieces = [layer.kept_scores for layer in earlier] + [scores]
+        masks = LayerAdaptive.across_layers(pieces, budget * scores.shape[1] * (rank + 1))
+        for layer, mask in zip(earlier, masks):
+            layer.store.retain(mask)
+            layer.kept_scores = _pack(layer.kept_scores, mask)
+        keep = masks[-1]
+        if self.layers:
+            self.layers[rank].kept_scores = _pack(scores, keep)
+        return keep
 
     def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""
@@ -98,3 +116,12 @@ class Compressor:
 
     def __repr__(self) -> str:
         return f"Compressor(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, window={self.window})"
+
+
+def _pack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, -inf after."""
+    counts = keep.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    out = torch.full((*values.shape[:-1], width + 1), float("-inf"), dtype=values.dtype, device=values.device)
+    slot = torch.where(keep, torch.cumsum(keep.long(), -1) - 1, width)
+    return out.scatter_(-1, slot, values.masked_fill(~keep, float("-inf")))[..., :width]

@@ -34,6 +34,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.store: RaggedKV | None = None
         self.seen = 0
         self.rank, self.num_compressed = 0, 1  # index among the cache's compressed layers (set by the cache)
+        self.kept_scores: torch.Tensor | None = None  # [B, H, M] scores of held tokens (cross-layer allocation only)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -58,6 +59,7 @@ class AdaKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store = None
+        self.kept_scores = None
         self.seen = 0
         self.is_initialized = False
 

@@ -90,6 +90,21 @@ class RaggedKV:
         self._length_host += added
         self.length += added.to(self.length.device)
 
+    def padded(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments (M = longest) and its in-segment mask."""
+        max_len = int(self._length_host.max()) if self._length_host.numel() else 0
+        offs = torch.arange(max_len, device=self.start.device)
+        inside = offs < self.length[..., None]
+        idx = (self.start[..., None] + offs).clamp_(max=max(buffer.shape[0] - 1, 0))
+        return buffer[idx], inside
+
+    def retain(self, keep: torch.Tensor) -> None:
+        """Keep only the tokens where ``keep`` ``[B, H, M]`` (over each segment's current tokens) is True."""
+        keys, inside = self.padded(self.keys)
+        values, _ = self.padded(self.values)
+        new = RaggedKV.from_dense(keys, values, keep[..., : inside.shape[-1]] & inside)
+        self.__dict__.update(new.__dict__)
+
     def select_batch(self, index: torch.Tensor) -> None:
         """Make row b a copy of row ``index[b]`` (reorder, select or repeat sequences)."""
         self._relayout(self._cap_host[index.to("cpu", torch.int64)], source_index=index)

@@ -162,3 +162,45 @@ def test_adakv_with_staged_scores_keeps_exact_budget():
     mask = Compressor(0.3, CriticalKV(), AdaKV(), window=4).select(inp)
     assert mask.sum((1, 2)).tolist() == [2 * 15, 2 * 12]
     assert not mask[1, :, :9].any()
+
+
+# -- DefensiveKV and layer-adaptive allocation ----------------------------------------------------------------------
+def test_defensive_aggregation_by_hand():
+    from adakv.scorers.defensivekv import defensive_aggregation
+
+    attn = torch.zeros(1, 1, 1, 2, 5)  # 2 window queries, 3 prefix tokens
+    attn[0, 0, 0, 0, :3] = torch.tensor([0.6, 0.0, 0.3])
+    attn[0, 0, 0, 1, :3] = torch.tensor([0.1, 0.9, 0.0])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    # kernel 1: worst case [0.6, 0.9, 0.3] (mean aggregation would rank token 0 below token 1 by less);
+    # prior correction raises everything below the mean 0.6
+    risk = defensive_aggregation(attn, valid, 1)[0, 0]
+    torch.testing.assert_close(risk[:3], torch.tensor([0.6, 0.9, 0.6]))
+    # kernel 3, zero padding, each row rescaled to its own mass (0.9 and 1.0)
+    row0 = torch.tensor([0.2, 0.3, 0.1]) * (0.9 / 0.6)
+    row1 = torch.tensor([1 / 3, 1 / 3, 0.3]) * (1.0 / (2 / 3 + 0.3))
+    worst = torch.maximum(row0, row1)
+    expected = torch.maximum(worst, worst.mean())
+    torch.testing.assert_close(defensive_aggregation(attn, valid, 3)[0, 0, :3], expected)
+
+
+def test_defensivekv_value_term_is_normalized_across_heads():
+    from adakv.scorers.defensivekv import defensive_aggregation
+    from adakv.scorers import window_attention, DefensiveKV
+
+    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    inp = make_inputs(h_kv=2, group=2, seq=12, dim=2, module=_OProj(weight), window=3)
+    n = value_perturbation(inp)
+    expected = defensive_aggregation(window_attention(inp), inp.valid, 5) * n / n.sum(1, keepdim=True)
+    torch.testing.assert_close(DefensiveKV()(inp), expected)
+
+
+def test_layer_adaptive_top_over_pieces():
+    from adakv.allocators import LayerAdaptive
+
+    inf = float("inf")
+    earlier = torch.tensor([[[5.0, 1.0, -inf], [3.0, 0.5, 0.2]]])
+    current = torch.tensor([[[4.0, 0.1], [2.0, 6.0]]])
+    masks = LayerAdaptive.across_layers([earlier, current], torch.tensor([4]))  # 6 > 5 > 4 > 3
+    assert masks[0].tolist() == [[[True, False, False], [True, False, False]]]
+    assert masks[1].tolist() == [[[True, False], [False, True]]]

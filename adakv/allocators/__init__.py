@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .adakv import AdaKV
 from .base import Allocator, topk_mask
+from .layer_adaptive import LayerAdaptive
 from .pyramidkv import PyramidKV
 from .uniform import Uniform
 
-ALLOCATORS: dict[str, type[Allocator]] = {cls.name: cls for cls in (Uniform, AdaKV, PyramidKV)}
+ALLOCATORS: dict[str, type[Allocator]] = {cls.name: cls for cls in (Uniform, AdaKV, PyramidKV, LayerAdaptive)}
 
 
 def get_allocator(spec: str | Allocator) -> Allocator:
@@ -24,4 +25,4 @@ def get_allocator(spec: str | Allocator) -> Allocator:
     )
 
 
-__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "PyramidKV", "Uniform", "get_allocator", "topk_mask"]
+__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "LayerAdaptive", "PyramidKV", "Uniform", "get_allocator", "topk_mask"]

@@ -17,7 +17,7 @@ class PyramidKV(Allocator):
     With per-head budget B (window w included) over n layers, and b = B - w:
     the bottom layer gets b_max = 2b - b_min and the top one b_min = b / beta
     (b_max capped at the prompt length, b_min raised to match); layer l gets w + b_max - l * (b_max - b_min) / (n - 1), so the average over
-    layers stays B (up to rounding). Inside a layer, ``heads`` allocates
+    layers stays B exactly (per-layer rounding is carried over). Inside a layer, ``heads`` allocates
     (uniform in the paper; ``PyramidKV(AdaKV())`` is the head-adaptive variant).
 
     Args:
@@ -44,7 +44,12 @@ class PyramidKV(Allocator):
         high = torch.minimum(high, (n_valid - win).double())  # the bottom layer cannot keep more than the prompt
         low = 2 * rest - high
         step = (high - low) / (num_layers - 1)
-        return win + torch.floor(high - layer * step + 0.5).long()
+
+        def cumulative(n: int) -> torch.Tensor:  # rounded sum of the first n layers' budgets
+            return torch.floor(n * (win + high) - step * n * (n - 1) / 2 + 0.5).long()
+
+        # differences of rounded cumulative sums: every layer within 1 of its share, total exact
+        return cumulative(layer + 1) - cumulative(layer)
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         return self.heads(scores, budget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Scorer, ScoreInputs, StagedScores, window_attention
 from .criticalkv import CriticalKV
+from .defensivekv import DefensiveKV
 from .h2o import H2O
 from .knorm import KeyNorm
 from .random_scores import Random
@@ -12,7 +13,7 @@ from .streamingllm import StreamingLLM
 from .tova import TOVA
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (SnapKV, H2O, CriticalKV, StreamingLLM, KeyNorm, TOVA, Random)
+    cls.name: cls for cls in (SnapKV, H2O, CriticalKV, DefensiveKV, StreamingLLM, KeyNorm, TOVA, Random)
 }
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "SCORERS",
     "TOVA",
     "CriticalKV",
+    "DefensiveKV",
     "H2O",
     "KeyNorm",
     "Random",

@@ -1,0 +1,66 @@
+"""DefensiveKV scorer: worst-case (defensive) aggregation times the normalized value term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Scorer, ScoreInputs, window_attention
+from .criticalkv import value_perturbation
+
+
+class DefensiveKV(Scorer):
+    """DefensiveKV: guard against the tokens mean aggregation would wrongly drop.
+
+    Feng et al., "Taming the Fragility of KV Cache Eviction in LLM Inference", 2025
+    (arXiv:2510.13334; code github.com/FFY0/DefensiveKV).
+
+    With A the fp32 attention of the last w window queries (causal inside the
+    window) restricted to the n = L - w prefix tokens:
+
+    1. each query row (per query head g and window query i) is average-pooled
+       along j (kernel 5, zero padding) and rescaled to its original mass:
+       P_ij = pool(A_i)_j * sum_j A_ij / sum_j pool(A_i)_j;
+    2. worst case instead of mean: r_j = max over g and i of P_ij;
+    3. prior correction: r_j <- max(r_j, mean_j r_j) (mean over the real prefix tokens);
+    4. value term: N_hj = (1/G) sum_g ||v_j W_O^(g)||_1, normalized across the KV heads
+       of the layer per token, Ñ_hj = N_hj / sum_h' N_h'j;
+    5. s_hj = r_hj * Ñ_hj.
+
+    Allocation is Ada-KV (the ``defensivekv`` preset), or one budget across layers
+    (``layer-defensivekv``). The official code additionally force-keeps the tokens
+    holding ~90% of the window's unpooled attention mass; that step is not part of
+    the published aggregation and is left out here.
+
+    Args:
+        kernel_size: width of the row-wise average pooling (odd, >= 1).
+    """
+
+    name = "defensivekv"
+
+    def __init__(self, kernel_size: int = 5):
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"DefensiveKV kernel_size must be an odd int >= 1, got {kernel_size!r}.")
+        self.kernel_size = kernel_size
+
+    def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
+        risk = defensive_aggregation(window_attention(inputs), inputs.valid, self.kernel_size)
+        value = value_perturbation(inputs)
+        return risk * value / value.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def defensive_aggregation(attn: torch.Tensor, valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys) -> risk ``[B, H, L]``."""
+    bsz, heads, group, w, seq = attn.shape
+    prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
+    prefix[seq - w :] = False
+    attn = attn * prefix  # window columns are not scored (they are kept anyway)
+    mass = attn.sum(-1, keepdim=True)
+    pad = kernel_size // 2
+    pooled = F.avg_pool1d(attn.reshape(-1, 1, seq), kernel_size, stride=1, padding=pad, count_include_pad=True)
+    pooled = pooled.reshape(attn.shape) * prefix
+    pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
+    risk = pooled.amax(dim=(2, 3))  # worst case over the group and the window queries
+    real = (valid & prefix)[:, None, :]
+    mean = (risk * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
+    return torch.maximum(risk, mean)

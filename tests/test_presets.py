@@ -1,0 +1,79 @@
+"""Every named method runs end to end: every family, batch 2 with left padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, padded_batch, tiny_model
+
+from adakv import METHODS, AdaKVCache
+from adakv.layer import AdaKVLayer
+from adakv.storage import MIN_SLACK
+
+
+def compressed(cache):
+    return [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_generates_with_padding(method):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=64, pad=9)
+    cache = AdaKVCache(model, budget=0.25, window=4, method=method)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 68)
+    per_head = torch.floor(mask.sum(-1) * 0.25 + 0.5).long()  # 14 and 16
+    total = sum(layer.kept_lengths() - 3 for layer in compressed(cache))  # minus the 3 decoded tokens
+    assert total.sum(-1).tolist() == (per_head * 2 * len(compressed(cache))).tolist()
+    for layer in compressed(cache):
+        assert (layer.kept_lengths() >= 3 + 4).all()  # window + decoded tokens never evicted
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", ["h2o", "ada-criticalkv", "defensivekv", "layer-defensivekv", "pyramidkv"])
+def test_methods_on_every_family(family, method):
+    model = tiny_model(family)
+    ids, mask = padded_batch(seq_len=48)
+    cache = AdaKVCache(model, budget=0.3, window=4, method=method)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 51) and torch.isfinite(torch.tensor(cache.kv_bytes())).item()
+    assert not any(layer.store is None for layer in compressed(cache))
+
+
+def test_layer_defensivekv_budget_across_layers_and_peak_bound():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(seq_len=80, pad=10)
+    cache = AdaKVCache(model, budget=0.25, window=4, method="layer-defensivekv")
+    layers = compressed(cache)
+    per_head = torch.floor(mask.sum(-1) * 0.25 + 0.5).long()  # 18 and 20
+    heads = model.config.num_key_value_heads
+    peaks = []
+
+    def spy(module, args, kwargs, output):
+        held = sum(int(layer.store.lengths().sum()) for layer in layers if layer.store is not None)
+        peaks.append((module.layer_idx, held, cache.kv_bytes()))
+
+    for block in model.model.layers:
+        block.self_attn.register_forward_hook(spy, with_kwargs=True)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    token_bytes = 2 * model.config.head_dim * 4 if hasattr(model.config, "head_dim") else None
+    for idx, held, nbytes in peaks:
+        bound = int(per_head.sum()) * heads * (idx + 1)
+        assert held == bound  # exactly the cascading total so far, never every layer's full KV
+        slack = 2 * heads * (idx + 1) * MIN_SLACK
+        assert nbytes <= (bound + slack) * (token_bytes or nbytes)
+    kept = torch.stack([layer.kept_lengths() for layer in layers])  # [layers, B, H]
+    assert kept.sum((0, 2)).tolist() == (per_head * heads * len(layers)).tolist()
+    assert len(set(kept[:, 1].sum(-1).tolist())) > 1  # layers got different shares
+
+
+def test_method_argument_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="Valid methods: snapkv, ada-snapkv"):
+        AdaKVCache(model, budget=0.2, method="snap")
+    with pytest.raises(ValueError, match="either method"):
+        AdaKVCache(model, budget=0.2, method="h2o", scorer="snapkv")
+    assert model.config._attn_implementation == "sdpa"
