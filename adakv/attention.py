@@ -20,8 +20,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .kernels import ragged_attention
-from .scorers import ScoreInputs
-from .storage import RaggedKV
 
 if TYPE_CHECKING:
     from .layer import AdaKVLayer
@@ -85,11 +83,7 @@ def _prefill(base, module, query, handle, mask, scaling, kwargs):
             "AdaKVCache needs left padding: a padding token follows a real token in the prompt. "
             "Set tokenizer.padding_side = 'left'."
         )
-    layer = handle.layer
-    inputs = ScoreInputs(
-        query, keys, values, valid, layer.compressor.window, scaling, softcap, module, layer.rank, layer.num_compressed
-    )
-    layer.store = RaggedKV.from_dense(keys, values, layer.compressor.select(inputs))
+    handle.layer.compress(query, keys, values, valid, scaling, softcap, module)
     return out
 
 

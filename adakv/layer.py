@@ -9,6 +9,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .attention import KVHandle
 from .compression import Compressor
+from .scorers import ScoreInputs
 from .storage import RaggedKV
 
 
@@ -62,6 +63,22 @@ class AdaKVLayer(CacheLayerMixin):
         self.kept_scores = None
         self.seen = 0
         self.is_initialized = False
+
+    def compress(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        module: torch.nn.Module,
+    ) -> None:
+        """Select this layer's kept tokens from its dense prefill and compact them (once per prompt)."""
+        inputs = ScoreInputs(
+            query, keys, values, valid, self.compressor.window, scaling, softcap, module, self.rank, self.num_compressed
+        )
+        self.store = RaggedKV.from_dense(keys, values, self.compressor.select(inputs))
 
     # -- batch manipulation (beam search, contrastive search, num_return_sequences) --------------------------------
     def batch_select_indices(self, indices: torch.Tensor) -> None:

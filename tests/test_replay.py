@@ -1,0 +1,43 @@
+"""One recorded prefill replayed into many methods' caches equals running each method live."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import padded_batch, tiny_model
+
+from adakv import AdaKVCache
+from adakv.replay import record_prefill, replay
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_replay_matches_live_prefill(family):
+    model = tiny_model(family)
+    ids, mask = padded_batch(seq_len=60)
+    record = record_prefill(model, ids, mask)
+    first = record.last_logits.argmax(-1, keepdim=True)
+    ids2, mask2 = torch.cat([ids, first], -1), torch.cat([mask, torch.ones_like(first)], -1)
+    for method in ("ada-snapkv", "criticalkv", "layer-defensivekv", "pyramidkv"):
+        with torch.no_grad():
+            live = model.generate(
+                ids, attention_mask=mask, past_key_values=AdaKVCache(model, 0.3, window=4, method=method),
+                max_new_tokens=6, do_sample=False,
+            )
+            cache = replay(model, record, 0.3, window=4, method=method)
+            again = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        assert torch.equal(live, again), method
+
+
+def test_replay_question_agnostic_matches_live():
+    model = tiny_model("qwen3")
+    ids, mask = padded_batch(seq_len=70)
+    record = record_prefill(model, ids[:, :50], mask[:, :50])
+    outs = []
+    for cache in (AdaKVCache(model, 0.4, window=4, method="defensivekv"), None):
+        with torch.no_grad():
+            if cache is None:
+                cache = replay(model, record, 0.4, window=4, method="defensivekv")
+            else:
+                model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache)
+            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False))
+    assert torch.equal(*outs)
