@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .kernels import ragged_attention
+from .kernels import ops_for
 
 if TYPE_CHECKING:
     from .layer import AdaKVLayer
@@ -100,7 +100,8 @@ def _append(module, query, handle, mask, scaling, kwargs):
         seen = torch.cumsum(valid.long(), -1)
         hidden = seen[:, -1:] - seen  # valid new tokens after query i, invisible to it
     q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
-    out = ragged_attention(q, store.keys, store.values, store.start, store.length, scaling, kwargs.get("softcap"), hidden)
+    attend = ops_for(query).ragged_attention
+    out = attend(q, store.keys, store.values, store.start, store.length, scaling, kwargs.get("softcap"), hidden, store.max_length())
     return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous(), None
 
 

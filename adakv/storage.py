@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import append_, compact_, copy_segments_
+from .kernels import ops_for
 
 # Slack rows given to every segment when it is (re)laid out: a fixed minimum at
 # prefill keeps the memory close to the budget; on growth the slack is
@@ -44,7 +44,7 @@ class RaggedKV:
         capacity = length + slack
         total = int(capacity.sum())
         store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity)
-        compact_(store.keys, store.values, keys, values, keep, store.start)
+        ops_for(keys).compact_(store.keys, store.values, keys, values, keep, store.start)
         return store
 
     # -- queries ------------------------------------------------------------------
@@ -55,6 +55,10 @@ class RaggedKV:
     def lengths(self) -> torch.Tensor:
         """Tokens held per segment, int64 ``[batch, kv_heads]`` on CPU."""
         return self._length_host.clone()
+
+    def max_length(self) -> int:
+        """The longest segment, from the host copy (no device sync)."""
+        return int(self._length_host.max()) if self._length_host.numel() else 0
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -73,7 +77,7 @@ class RaggedKV:
             length = length[idx_host]
         total = int(capacity.sum())
         new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity)
-        copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
+        ops_for(self.keys).copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
         self.__dict__.update(new.__dict__)
 
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -86,9 +90,12 @@ class RaggedKV:
         if bool((needed > self._cap_host).any()):
             slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=MIN_SLACK)
             self._relayout(needed + slack)
-        append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
+        ops_for(self.keys).append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
         self._length_host += added
-        self.length += added.to(self.length.device)
+        if valid is None:
+            self.length += new_k.shape[2]  # a scalar: no host-to-device copy (that would sync) per decoded token
+        else:
+            self.length += added.to(self.length.device)
 
     def padded(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments (M = longest) and its in-segment mask."""

@@ -100,6 +100,7 @@ def ragged_attention(
     scaling: float,
     softcap: float | None = None,
     hidden: torch.Tensor | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, H, G, Q, D]`` over the ragged segments; returns ``[B, H, G, Q, D]``.
 
@@ -108,12 +109,14 @@ def ragged_attention(
     segment; the default ``hidden[b, i] = Q - 1 - i`` is causal attention aligned
     bottom-right (the Q queries are the last Q tokens). A query that sees no
     token outputs zeros. Softmax runs in fp32; the result has q's dtype.
+    ``max_len`` (the longest segment, if the caller knows it) saves a device sync.
     """
     bsz, heads, group, q_len, dim = q.shape
     if hidden is None:
         hidden = (q_len - 1 - torch.arange(q_len, device=q.device)).expand(bsz, q_len)
     visible = length[:, :, None] - hidden[:, None, :]  # [B, H, Q]
-    max_len = int(length.max()) if length.numel() else 0
+    if max_len is None:
+        max_len = int(length.max()) if length.numel() else 0
     if max_len == 0:
         return torch.zeros_like(q)
     offs = torch.arange(max_len, device=q.device)

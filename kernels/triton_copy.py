@@ -1,0 +1,103 @@
+"""Triton row copy: the one kernel behind compaction, append and segment re-layout.
+
+Each of those writes K and V rows (``head_dim`` contiguous elements) from a source
+to a flat buffer at computed rows. The index vectors are built with a few torch
+ops on the device (no host sync); the copy of K and V is one launch.
+Reference: :mod:`adakv.kernels.reference` (``compact_``, ``append_``, ``copy_segments_``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_rows_kernel(
+    src_k, src_v, src_off_k, src_off_v,  # element offsets of each source row (K and V may differ in strides)
+    dst_k, dst_v, dst_row,
+    n_rows, dim,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < dim)
+    sk = tl.load(src_off_k + rows, mask=row_ok, other=0)
+    sv = tl.load(src_off_v + rows, mask=row_ok, other=0)
+    d = tl.load(dst_row + rows, mask=row_ok, other=0) * dim
+    k = tl.load(src_k + sk[:, None] + cols[None, :], mask=mask)
+    v = tl.load(src_v + sv[:, None] + cols[None, :], mask=mask)
+    tl.store(dst_k + d[:, None] + cols[None, :], k, mask=mask)
+    tl.store(dst_v + d[:, None] + cols[None, :], v, mask=mask)
+
+
+def copy_rows_(
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    dst_row: torch.Tensor,
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    src_off_k: torch.Tensor,
+    src_off_v: torch.Tensor,
+) -> None:
+    """``dst[dst_row[i]] = src.flatten()[src_off[i] : src_off[i] + dim]`` for K and V, one launch."""
+    n_rows, dim = dst_row.numel(), dst_k.shape[-1]
+    if n_rows == 0:
+        return
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, min(64, 4096 // block_d))
+    grid = (triton.cdiv(n_rows, block_r),)
+    _copy_rows_kernel[grid](
+        src_k, src_v, src_off_k, src_off_v, dst_k, dst_v, dst_row, n_rows, dim, BLOCK_R=block_r, BLOCK_D=block_d
+    )
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def _dense_offsets(t: torch.Tensor, b: torch.Tensor, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    if t.stride(-1) != 1:
+        raise ValueError("adakv's Triton kernels need the head_dim axis contiguous (stride 1).")
+    return b * t.stride(0) + h * t.stride(1) + pos * t.stride(2)
+
+
+def compact_(k_buf, v_buf, keys, values, keep, start) -> None:
+    """Triton version of :func:`adakv.kernels.reference.compact_`."""
+    bsz, heads, seq, _ = keys.shape
+    flat_keep = keep.reshape(bsz * heads, seq)
+    seg, pos = flat_keep.nonzero(as_tuple=True)
+    rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(flat_keep.sum(-1))[seg]
+    dst = start.reshape(-1)[seg] + rank
+    b, h = seg // heads, seg % heads
+    copy_rows_(k_buf, v_buf, dst, keys, values, _dense_offsets(keys, b, h, pos), _dense_offsets(values, b, h, pos))
+
+
+def copy_segments_(dst_k, dst_v, src_k, src_v, src_start, dst_start, length) -> None:
+    """Triton version of :func:`adakv.kernels.reference.copy_segments_`."""
+    length = length.reshape(-1)
+    seg = torch.repeat_interleave(torch.arange(length.numel(), device=length.device), length)
+    rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(length)[seg]
+    src = (src_start.reshape(-1)[seg] + rank) * src_k.shape[-1]
+    copy_rows_(dst_k, dst_v, dst_start.reshape(-1)[seg] + rank, src_k, src_v, src, src)
+
+
+def append_(k_buf, v_buf, new_k, new_v, start, length, valid=None) -> None:
+    """Triton version of :func:`adakv.kernels.reference.append_` (no host sync when ``valid`` is None)."""
+    bsz, heads, q_len, _ = new_k.shape
+    dev = new_k.device
+    b = torch.arange(bsz, device=dev)[:, None, None].expand(bsz, heads, q_len)
+    h = torch.arange(heads, device=dev)[None, :, None].expand(bsz, heads, q_len)
+    q = torch.arange(q_len, device=dev)[None, None, :].expand(bsz, heads, q_len)
+    rank = q if valid is None else (torch.cumsum(valid.long(), -1) - 1)[:, None, :].expand(bsz, heads, q_len)
+    dst = (start + length)[:, :, None] + rank
+    if valid is not None:
+        sel = valid[:, None, :].expand(bsz, heads, q_len)
+        b, h, q, dst = b[sel], h[sel], q[sel], dst[sel]
+    copy_rows_(
+        k_buf, v_buf, dst.reshape(-1), new_k, new_v,
+        _dense_offsets(new_k, b, h, q).reshape(-1), _dense_offsets(new_v, b, h, q).reshape(-1),
+    )
