@@ -11,7 +11,8 @@ implementation the model had before, so other caches see no change.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -80,8 +81,9 @@ def _prefill(base, module, query, handle, mask, scaling, kwargs):
         valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
     elif bool((valid[:, 1:] < valid[:, :-1]).any()):
         raise ValueError(
-            "AdaKVCache needs left padding: a padding token follows a real token in the prompt. "
-            "Set tokenizer.padding_side = 'left'."
+            "AdaKVCache needs left padding, but the attention mask has a 0 after a real token. Set "
+            "tokenizer.padding_side = 'left'. If the prompt contains the pad token (e.g. a chat turn end), pass "
+            "attention_mask explicitly: generate() otherwise marks every pad-token id as padding."
         )
     handle.layer.compress(query, keys, values, valid, scaling, softcap, module)
     return out
@@ -101,7 +103,8 @@ def _append(module, query, handle, mask, scaling, kwargs):
         hidden = seen[:, -1:] - seen  # valid new tokens after query i, invisible to it
     q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
     attend = ops_for(query).ragged_attention
-    out = attend(q, store.keys, store.values, store.start, store.length, scaling, kwargs.get("softcap"), hidden, store.max_length())
+    softcap = kwargs.get("softcap")
+    out = attend(q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.max_length())
     return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous(), None
 
 
@@ -146,7 +149,7 @@ for _base, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
     AttentionMaskInterface.register(PREFIX + _base, _mask)
 
 
-# -- activation ---------------------------------------------------------------------------------------------------------
+# -- activation ------------------------------------------------------------------------------------------
 def is_active(config: PretrainedConfig) -> bool:
     return str(config._attn_implementation).startswith(PREFIX)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
@@ -29,7 +28,9 @@ def _config_of(model: object) -> tuple[PreTrainedModel | None, PretrainedConfig]
 
 def _check_model(model: PreTrainedModel | None, config: PretrainedConfig) -> None:
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"AdaKVCache supports decoder-only models; {type(model or config).__name__} is encoder-decoder.")
+        raise ValueError(
+            f"AdaKVCache supports decoder-only models; {type(model or config).__name__} is encoder-decoder."
+        )
     if model is None:
         return
     uses_interface = getattr(model, "_supports_attention_backend", False) and model._can_set_attn_implementation()
@@ -92,7 +93,9 @@ class AdaKVCache(Cache):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         unsupported = sorted(set(layer_types) - {"full_attention", *STOCK_LAYER_TYPES})
         if unsupported:
-            raise ValueError(f"AdaKVCache supports attention layers only; {type(config).__name__} has {unsupported} layers.")
+            raise ValueError(
+                f"AdaKVCache supports attention layers only; {type(config).__name__} has {unsupported} layers."
+            )
         name = attention.implementation_for(config)
 
         self.compressor = compressor
@@ -102,7 +105,9 @@ class AdaKVCache(Cache):
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         self._kv_shape = (kv_heads, head_dim)
         layers = [
-            AdaKVLayer(compressor, self._check_update) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            AdaKVLayer(compressor, self._check_update)
+            if kind == "full_attention"
+            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for kind, kw in zip(layer_types, layer_kwargs)
         ]
         compressed = [layer for layer in layers if isinstance(layer, AdaKVLayer)]
@@ -121,13 +126,15 @@ class AdaKVCache(Cache):
             )
         if key_states.dim() != 4 or tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) != self._kv_shape:
             raise ValueError(
-                f"This AdaKVCache was made for a model with (kv_heads, head_dim) = {self._kv_shape}, but got key states "
+                f"This AdaKVCache was made for a model with (kv_heads, head_dim) = {self._kv_shape}, "
+                "but got key states "
                 f"of shape {tuple(key_states.shape)}. Create one AdaKVCache per model."
             )
         held = layer.store.shape[0] if layer.store is not None else key_states.shape[0]
         if key_states.shape[0] != held:
             raise ValueError(
-                f"This AdaKVCache holds {held} sequences but the model was called with a batch of {key_states.shape[0]}. "
+                f"This AdaKVCache holds {held} sequences but the model was called with a batch of "
+                f"{key_states.shape[0]}. "
                 "For beam search or num_return_sequences on an already filled cache, call "
                 "cache.batch_repeat_interleave(num_beams) first."
             )
@@ -135,7 +142,8 @@ class AdaKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(
-                f"This AdaKVCache was made for a model with {len(self.layers)} layers, but layer {layer_idx} wrote to it. "
+                f"This AdaKVCache was made for a model with {len(self.layers)} layers, but layer {layer_idx} "
+                "wrote to it. "
                 "Create one AdaKVCache per model."
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -155,7 +163,9 @@ class AdaKVCache(Cache):
         """Tokens held per (sequence, KV head) of a compressed layer: int64 ``[batch, kv_heads]``."""
         layer = self.layers[layer_idx]
         if not isinstance(layer, AdaKVLayer):
-            raise ValueError(f"Layer {layer_idx} is a {type(layer).__name__} (sliding window), not compressed by adakv.")
+            raise ValueError(
+                f"Layer {layer_idx} is a {type(layer).__name__} (sliding window), not compressed by adakv."
+            )
         lengths = layer.kept_lengths()
         if lengths is None:
             raise ValueError(f"Layer {layer_idx} holds nothing yet: run the prompt through the model first.")

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .allocators import Allocator, LayerAdaptive
-from .scorers import Scorer, ScoreInputs, StagedScores
+from .scorers import ScoreInputs, Scorer, StagedScores
 
 
 def check_budget(budget: object) -> float | int:
@@ -20,7 +20,9 @@ def check_budget(budget: object) -> float | int:
         )
     if isinstance(budget, numbers.Integral):
         if budget < 1:
-            raise ValueError(f"An integer budget is the number of tokens kept per KV head and must be >= 1, got {budget}.")
+            raise ValueError(
+                f"An integer budget is the number of tokens kept per KV head and must be >= 1, got {budget}."
+            )
         return int(budget)
     budget = float(budget)
     if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
@@ -115,7 +117,10 @@ class Compressor:
         return scores.masked_fill(protected, float("inf")).masked_fill(~valid[:, None, :], float("-inf"))
 
     def __repr__(self) -> str:
-        return f"Compressor(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, window={self.window})"
+        return (
+            f"Compressor(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, "
+            f"window={self.window})"
+        )
 
 
 def _pack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,11 @@ def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tok
             model(sample.context_prompt_ids(), past_key_values=cache)
         # An explicit mask: SmolLM2's pad token is <|im_end|>, which also ends the prompt's system turn.
         out = model.generate(
-            full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False
+            full,
+            attention_mask=torch.ones_like(full),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
     elapsed = time.perf_counter() - start
     new = out[0, full.shape[1] :]
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prompt: {n_prompt} tokens, hidden fact: {sample.needle!r} at depth {args.depth} ({mode})\n")
 
     full_cache = DynamicCache(config=model.config)
-    full_text, full_time, full_new = answer(model, tokenizer, sample, full_cache, args.question_agnostic, args.max_new_tokens)
+    full_text, full_time, full_new = answer(
+        model, tokenizer, sample, full_cache, args.question_agnostic, args.max_new_tokens
+    )
     ada = AdaKVCache(model, budget=args.budget, scorer=args.scorer, allocator=args.allocator)
     ada_text, ada_time, ada_new = answer(model, tokenizer, sample, ada, args.question_agnostic, args.max_new_tokens)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -41,7 +41,9 @@ class AdaKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[KVHandle, KVHandle]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[KVHandle, KVHandle]:
         self._check(self, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

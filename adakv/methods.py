@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .allocators import AdaKV, Allocator, LayerAdaptive, PyramidKV, Uniform
 from .scorers import H2O, TOVA, CriticalKV, DefensiveKV, KeyNorm, Random, Scorer, SnapKV, StreamingLLM

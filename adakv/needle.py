@@ -22,9 +22,30 @@ import torch
 LICENSE_DIR = Path("/usr/share/common-licenses")
 PREFERRED_HAYSTACK = LICENSE_DIR / "GPL-3"
 KEYS = (
-    "apple", "river", "lantern", "falcon", "meadow", "copper", "harbor", "violin",
-    "glacier", "pepper", "saddle", "orchid", "Lisbon", "Nairobi", "Oslo", "Kyoto",
-    "Denver", "Toronto", "Santiago", "Cairo", "Helsinki", "Dublin", "Madrid", "Seoul",
+    "apple",
+    "river",
+    "lantern",
+    "falcon",
+    "meadow",
+    "copper",
+    "harbor",
+    "violin",
+    "glacier",
+    "pepper",
+    "saddle",
+    "orchid",
+    "Lisbon",
+    "Nairobi",
+    "Oslo",
+    "Kyoto",
+    "Denver",
+    "Toronto",
+    "Santiago",
+    "Cairo",
+    "Helsinki",
+    "Dublin",
+    "Madrid",
+    "Seoul",
 )
 INSTRUCTION = (
     "Some special magic numbers are hidden within the following text. "
@@ -41,8 +62,7 @@ def _filler_text(n_sentences: int = 400) -> str:
     obj = ["the bridge", "a long letter", "the harvest", "the quiet library", "an old map"]
     tail = ["before dawn", "with great care", "during the storm", "for many years", "at the market"]
     return " ".join(
-        f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}."
-        for _ in range(n_sentences)
+        f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}." for _ in range(n_sentences)
     )
 
 
@@ -140,9 +160,7 @@ class NeedleSample:
         return ids[:, split:].clone()
 
 
-def make_needle_sample(
-    tokenizer: Any, context_tokens: int, depth: float, seed: int, digits: int = 7
-) -> NeedleSample:
+def make_needle_sample(tokenizer: Any, context_tokens: int, depth: float, seed: int, digits: int = 7) -> NeedleSample:
     """Build a sample whose context prefix is about ``context_tokens`` tokens long.
 
     ``context_tokens`` counts the whole ``context_prompt_ids()`` (chat header,

@@ -16,7 +16,7 @@ import torch
 
 from .cache import AdaKVCache
 from .layer import AdaKVLayer
-from .scorers import Scorer, ScoreInputs
+from .scorers import ScoreInputs, Scorer
 
 
 class _Recorder(Scorer):

@@ -38,7 +38,9 @@ class RaggedKV:
         return torch.empty(n_rows, like.shape[-1], dtype=like.dtype, device=like.device)
 
     @classmethod
-    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, slack: int = MIN_SLACK) -> RaggedKV:
+    def from_dense(
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, slack: int = MIN_SLACK
+    ) -> RaggedKV:
         """Compact the tokens selected by ``keep`` ``[B, H, L]`` out of dense ``[B, H, L, D]`` tensors."""
         length = keep.sum(-1).to("cpu", torch.int64)
         capacity = length + slack
@@ -77,7 +79,9 @@ class RaggedKV:
             length = length[idx_host]
         total = int(capacity.sum())
         new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity)
-        ops_for(self.keys).copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
+        ops_for(self.keys).copy_segments_(
+            new.keys, new.values, self.keys, self.values, src_start, new.start, new.length
+        )
         self.__dict__.update(new.__dict__)
 
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:

@@ -90,11 +90,17 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     compact = lambda: RaggedKV.from_dense(keys, keys, keep)  # noqa: E731
     t_compact = timed(compact, dev, args.repeats)
     return {
-        "context": ctx, "batch": batch, "backend": ops.name,
-        "ragged_decode_attention_s": t_ragged, "full_sdpa_decode_attention_s": t_full,
+        "context": ctx,
+        "batch": batch,
+        "backend": ops.name,
+        "ragged_decode_attention_s": t_ragged,
+        "full_sdpa_decode_attention_s": t_full,
         "ratio_vs_full": t_ragged / t_full,
-        "achieved_bandwidth_GBps": kept_bytes / t_ragged / 1e9, "fraction_of_copy_bandwidth": kept_bytes / t_ragged / bandwidth,
-        "compaction_s": t_compact, "prefill_attention_s": t_prefill, "compaction_fraction_of_prefill_attention": t_compact / t_prefill,
+        "achieved_bandwidth_GBps": kept_bytes / t_ragged / 1e9,
+        "fraction_of_copy_bandwidth": kept_bytes / t_ragged / bandwidth,
+        "compaction_s": t_compact,
+        "prefill_attention_s": t_prefill,
+        "compaction_fraction_of_prefill_attention": t_compact / t_prefill,
     }
 
 
@@ -103,7 +109,10 @@ def e2e_point(args, model, ctx: int, batch: int, bandwidth: float) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, ctx), device=dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     row = {"context": ctx, "batch": batch}
-    for name, make in (("dynamic", lambda: DynamicCache(config=model.config)), ("adakv", lambda: AdaKVCache(model, args.budget))):
+    for name, make in (
+        ("dynamic", lambda: DynamicCache(config=model.config)),
+        ("adakv", lambda: AdaKVCache(model, args.budget)),
+    ):
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -114,15 +123,17 @@ def e2e_point(args, model, ctx: int, batch: int, bandwidth: float) -> dict:
                 tok = out.logits[:, -1:].argmax(-1)
                 del out
 
-                def step():
+                def step(cache=cache, tok=tok):
                     return model(tok, past_key_values=cache)
 
                 t = timed(step, dev, args.decode_steps)
         except torch.OutOfMemoryError:
             row[name] = "out of memory"
             continue
-        kv = cache.kv_bytes() if isinstance(cache, AdaKVCache) else sum(
-            layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+        kv = (
+            cache.kv_bytes()
+            if isinstance(cache, AdaKVCache)
+            else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         )
         row[name] = {
             "decode_ms_per_token": t * 1e3,
@@ -160,8 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     e2e = []
     if not args.skip_e2e:
         config = LlamaConfig(
-            hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            vocab_size=args.vocab,
             max_position_embeddings=max(args.contexts) + 64,
         )
         with torch.device(args.device):

@@ -36,8 +36,11 @@ RESULTS = Path(__file__).parent / "results"
 def decode(model, tokenizer, cache, prompt: torch.Tensor, n_prompt: int, max_new_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
-            max_new_tokens=max_new_tokens, do_sample=False,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
     return tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
 
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tok = load_smollm2()
     samples = [
-        make_needle_sample(tok, args.context_tokens, 0.05 + 0.9 * i / max(args.samples - 1, 1), seed=i, digits=args.digits)
+        make_needle_sample(
+            tok, args.context_tokens, 0.05 + 0.9 * i / max(args.samples - 1, 1), seed=i, digits=args.digits
+        )
         for i in range(args.samples)
     ]
     correct: dict[str, int] = {}

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # Triton's CPU interpreter computes half-precision dots wrongly; it gets the exact fp32 path instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _alloc = torch.empty  # scratch allocation; tests swap in a NaN-filled one to catch unwritten elements
@@ -25,11 +24,29 @@ _alloc = torch.empty  # scratch allocation; tests swap in a NaN-filled one to ca
 
 @triton.jit
 def _ragged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, hidden_ptr,
-    acc_ptr, m_ptr, l_ptr,
-    heads, n_rows, q_len, dim, split_size, n_splits, scaling, softcap,
-    HAS_HIDDEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    start_ptr,
+    length_ptr,
+    hidden_ptr,
+    acc_ptr,
+    m_ptr,
+    l_ptr,
+    heads,
+    n_rows,
+    q_len,
+    dim,
+    split_size,
+    n_splits,
+    scaling,
+    softcap,
+    HAS_HIDDEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     seg = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -48,7 +65,9 @@ def _ragged_attention_kernel(
 
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < dim
-    q = tl.load(q_ptr + (seg * n_rows + rows)[:, None] * dim + cols_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + (seg * n_rows + rows)[:, None] * dim + cols_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
 
     lo = split * split_size
     hi = tl.minimum(lo + split_size, seg_len)
@@ -128,10 +147,29 @@ def ragged_attention(
     hidden_arg = hidden.to(torch.int64).contiguous() if has_hidden else start  # unused pointer when absent
     grid = (n_seg, row_blocks, n_splits)
     _ragged_attention_kernel[grid](
-        q, k_buf, v_buf, start.contiguous(), length.contiguous(), hidden_arg, acc, m, l,
-        heads, n_rows, q_len, dim, split_size, n_splits, float(scaling), float(softcap or 1.0),
-        HAS_HIDDEN=has_hidden, HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32 or _INTERPRETED,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        q,
+        k_buf,
+        v_buf,
+        start.contiguous(),
+        length.contiguous(),
+        hidden_arg,
+        acc,
+        m,
+        l,
+        heads,
+        n_rows,
+        q_len,
+        dim,
+        split_size,
+        n_splits,
+        float(scaling),
+        float(softcap or 1.0),
+        HAS_HIDDEN=has_hidden,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32 or _INTERPRETED,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
     # log-sum-exp merge of the splits (splits that saw nothing carry m = -inf, l = 0)
     m_max = m.amax(1, keepdim=True)

@@ -15,10 +15,17 @@ import triton.language as tl
 
 @triton.jit
 def _copy_rows_kernel(
-    src_k, src_v, src_off_k, src_off_v,  # element offsets of each source row (K and V may differ in strides)
-    dst_k, dst_v, dst_row,
-    n_rows, dim,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    src_k,
+    src_v,
+    src_off_k,
+    src_off_v,  # element offsets of each source row (K and V may differ in strides)
+    dst_k,
+    dst_v,
+    dst_row,
+    n_rows,
+    dim,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -98,6 +105,11 @@ def append_(k_buf, v_buf, new_k, new_v, start, length, valid=None) -> None:
         sel = valid[:, None, :].expand(bsz, heads, q_len)
         b, h, q, dst = b[sel], h[sel], q[sel], dst[sel]
     copy_rows_(
-        k_buf, v_buf, dst.reshape(-1), new_k, new_v,
-        _dense_offsets(new_k, b, h, q).reshape(-1), _dense_offsets(new_v, b, h, q).reshape(-1),
+        k_buf,
+        v_buf,
+        dst.reshape(-1),
+        new_k,
+        new_v,
+        _dense_offsets(new_k, b, h, q).reshape(-1),
+        _dense_offsets(new_v, b, h, q).reshape(-1),
     )

@@ -185,8 +185,8 @@ def test_defensive_aggregation_by_hand():
 
 
 def test_defensivekv_value_term_is_normalized_across_heads():
+    from adakv.scorers import DefensiveKV, window_attention
     from adakv.scorers.defensivekv import defensive_aggregation
-    from adakv.scorers import window_attention, DefensiveKV
 
     weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
     inp = make_inputs(h_kv=2, group=2, seq=12, dim=2, module=_OProj(weight), window=3)

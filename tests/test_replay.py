@@ -20,8 +20,11 @@ def test_replay_matches_live_prefill(family):
     for method in ("ada-snapkv", "criticalkv", "layer-defensivekv", "pyramidkv"):
         with torch.no_grad():
             live = model.generate(
-                ids, attention_mask=mask, past_key_values=AdaKVCache(model, 0.3, window=4, method=method),
-                max_new_tokens=6, do_sample=False,
+                ids,
+                attention_mask=mask,
+                past_key_values=AdaKVCache(model, 0.3, window=4, method=method),
+                max_new_tokens=6,
+                do_sample=False,
             )
             cache = replay(model, record, 0.3, window=4, method=method)
             again = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=5, do_sample=False)
@@ -39,5 +42,7 @@ def test_replay_question_agnostic_matches_live():
                 cache = replay(model, record, 0.4, window=4, method="defensivekv")
             else:
                 model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache)
-            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False))
+            outs.append(
+                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+            )
     assert torch.equal(*outs)

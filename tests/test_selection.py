@@ -116,7 +116,9 @@ def test_snapkv_gqa_mean_and_max():
     mean = SnapKV(kernel_size=1, gqa="mean")(inp)[0, 0]
     mx = SnapKV(kernel_size=1, gqa="max")(inp)[0, 0]
     assert mean[1] > mean[3] > mean[0]
-    assert mx[1] > 0.99 and mx[3] == pytest.approx(float(torch.softmax(torch.tensor([0, 0, 0, 10.0] + [0] * 3), 0)[3]), rel=1e-3)
+    assert mx[1] > 0.99 and mx[3] == pytest.approx(
+        float(torch.softmax(torch.tensor([0, 0, 0, 10.0] + [0] * 3), 0)[3]), rel=1e-3
+    )
 
 
 def test_snapkv_options_validation():
@@ -125,7 +127,7 @@ def test_snapkv_options_validation():
             SnapKV(**kwargs)
 
 
-# -- the whole selection: budget, window, padding -----------------------------------------------------------------------
+# -- the whole selection: budget, window, padding ------------------------------------------------------------
 def test_compressor_keeps_window_and_top_tokens():
     queries, keys = _one_hot_case()
     comp = Compressor(3, SnapKV(kernel_size=1), Uniform(), window=2)

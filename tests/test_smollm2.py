@@ -36,7 +36,9 @@ def test_full_budget_identical_to_dynamic_cache_batch_with_padding(smollm2):
         for cache in (DynamicCache(config=model.config), AdaKVCache(model, budget=1.0)):
             with torch.no_grad():
                 outs.append(
-                    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False, **kwargs)
+                    model.generate(
+                        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False, **kwargs
+                    )
                 )
         assert torch.equal(outs[0], outs[1]), kwargs
 

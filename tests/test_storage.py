@@ -33,7 +33,9 @@ def test_from_dense_append_grow_and_select():
         store.append(new, new.clone())
         relayouts += store.keys is not buffers
         buffers = store.keys
-        expected = [torch.cat([e, new[b, h]]) for (b, h), e in zip([(b, h) for b in range(2) for h in range(3)], expected)]
+        expected = [
+            torch.cat([e, new[b, h]]) for (b, h), e in zip([(b, h) for b in range(2) for h in range(3)], expected)
+        ]
     assert all(torch.equal(a, e) for a, e in zip(segments(store), expected))
     assert all(torch.equal(a, e) for a, e in zip(segments(store, "values"), expected))
     assert 1 <= relayouts <= 12  # amortized: geometric growth, not a copy per token

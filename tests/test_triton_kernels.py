@@ -109,7 +109,12 @@ def test_copy_kernels_match_reference(bsz, heads, seq, q_len, dim, dtype, transp
     valid = None if seed % 2 else torch.rand(bsz, q_len, generator=gen) < 0.7
     reference.append_(ref_k, ref_v, new_k, new_v, start, lengths, valid)
     triton_copy.append_(
-        tri_k, tri_v, new_k.to(DEVICE), new_v.to(DEVICE), start.to(DEVICE), lengths.to(DEVICE),
+        tri_k,
+        tri_v,
+        new_k.to(DEVICE),
+        new_v.to(DEVICE),
+        start.to(DEVICE),
+        lengths.to(DEVICE),
         None if valid is None else valid.to(DEVICE),
     )
     assert torch.equal(tri_k.cpu().isnan(), ref_k.isnan()) and torch.equal(tri_k.cpu().nan_to_num(), ref_k.nan_to_num())
@@ -143,7 +148,9 @@ def test_generate_with_triton_backend_matches_torch(family, monkeypatch):
         cache = AdaKVCache(model, budget=0.4, window=4)
         with torch.no_grad():
             model(ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache)
-            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False))
+            outs.append(
+                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+            )
     assert torch.equal(*outs)
 
 

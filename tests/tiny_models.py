@@ -32,7 +32,11 @@ FAMILIES = {
     "gemma3": (
         tf.Gemma3TextConfig,
         tf.Gemma3ForCausalLM,
-        {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
     ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
 }

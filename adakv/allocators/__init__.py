@@ -21,7 +21,8 @@ def get_allocator(spec: str | Allocator) -> Allocator:
         except KeyError:
             raise ValueError(f"Unknown allocator {spec!r}. Valid names: {', '.join(sorted(ALLOCATORS))}.") from None
     raise TypeError(
-        f"allocator must be a name ({', '.join(sorted(ALLOCATORS))}) or an Allocator instance, got {type(spec).__name__}."
+        f"allocator must be a name ({', '.join(sorted(ALLOCATORS))}) or an Allocator instance, "
+        f"got {type(spec).__name__}."
     )
 
 

@@ -16,7 +16,8 @@ class PyramidKV(Allocator):
 
     With per-head budget B (window w included) over n layers, and b = B - w:
     the bottom layer gets b_max = 2b - b_min and the top one b_min = b / beta
-    (b_max capped at the prompt length, b_min raised to match); layer l gets w + b_max - l * (b_max - b_min) / (n - 1), so the average over
+    (b_max capped at the prompt length, b_min raised to match); layer l gets
+    w + b_max - l * (b_max - b_min) / (n - 1), so the average over
     layers stays B exactly (per-layer rounding is carried over). Inside a layer, ``heads`` allocates
     (uniform in the paper; ``PyramidKV(AdaKV())`` is the head-adaptive variant).
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs, StagedScores, window_attention
+from .base import ScoreInputs, Scorer, StagedScores, window_attention
 from .criticalkv import CriticalKV
 from .defensivekv import DefensiveKV
 from .h2o import H2O
@@ -26,7 +26,9 @@ def get_scorer(spec: str | Scorer) -> Scorer:
             return SCORERS[spec.lower()]()
         except KeyError:
             raise ValueError(f"Unknown scorer {spec!r}. Valid names: {', '.join(sorted(SCORERS))}.") from None
-    raise TypeError(f"scorer must be a name ({', '.join(sorted(SCORERS))}) or a Scorer instance, got {type(spec).__name__}.")
+    raise TypeError(
+        f"scorer must be a name ({', '.join(sorted(SCORERS))}) or a Scorer instance, got {type(spec).__name__}."
+    )
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Scorer, ScoreInputs, StagedScores
+from .base import ScoreInputs, Scorer, StagedScores
 
 # Elements of one chunk of v W_O products ([B, G, chunk, D]).
 CHUNK_ELEMENTS = 1 << 24

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Scorer, ScoreInputs, window_attention
+from .base import ScoreInputs, Scorer, window_attention
 from .criticalkv import value_perturbation
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 # Elements of one query block's logits ([B, H_q, block, L]); bounds the scorer's extra memory.
 BLOCK_ELEMENTS = 1 << 24

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs, window_attention
+from .base import ScoreInputs, Scorer, window_attention
 
 
 class TOVA(Scorer):
