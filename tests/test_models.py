@@ -182,3 +182,33 @@ def test_restore_and_introspection():
     assert cache.get_seq_length() == ids.shape[1] + NEW - 1
     restore_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_multi_token_append_on_compressed_cache_matches_masked_dense():
+    """Appending several tokens at once to a compressed cache (causal, bottom-right aligned) equals a
+    DynamicCache whose evicted positions are masked out, batch 2 with left padding."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=64, pad=6)
+    ctx, ctx_mask, new = ids[:, :48], mask[:, :48], ids[:, 48:]
+    budget, window = 20, 4
+    cache = AdaKVCache(model, budget=budget, scorer=KeepOldest(), allocator=Uniform(), window=window)
+    dense = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ctx, attention_mask=ctx_mask, past_key_values=cache)
+        model(ctx, attention_mask=ctx_mask, past_key_values=dense)
+        keep2d = torch.zeros_like(ctx_mask)
+        for row in range(2):
+            real = ctx_mask[row].nonzero().flatten()
+            keep2d[row, real[: budget - window]] = 1
+            keep2d[row, real[-window:]] = 1
+        full_mask = torch.cat([ctx_mask, torch.ones_like(new)], -1)
+        positions = (full_mask.cumsum(-1) - 1)[:, 48:]
+        got = model(new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+        want = model(
+            new,
+            attention_mask=torch.cat([keep2d, torch.ones_like(new)], -1),
+            position_ids=positions,
+            past_key_values=dense,
+        ).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert cache.kept_lengths(0).tolist() == [[budget + 16] * 2] * 2
