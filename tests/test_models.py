@@ -212,3 +212,25 @@ def test_multi_token_append_on_compressed_cache_matches_masked_dense():
         ).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert cache.kept_lengths(0).tolist() == [[budget + 16] * 2] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model = tiny_model("qwen2").to(dtype)
+    ids, mask = padded_batch()
+    ref = generate(model, DynamicCache(config=model.config), ids, mask, do_sample=False)
+    cache = AdaKVCache(model, budget=1.0)
+    assert torch.equal(ref, generate(model, cache, ids, mask, do_sample=False))
+    assert cache.layers[0].store.keys.dtype == dtype
+    compressed = AdaKVCache(model, budget=0.3, window=4, method="ada-criticalkv")
+    out = generate(model, compressed, ids, mask, do_sample=False)
+    assert out.shape == ref.shape and compressed.kv_bytes() < 0.6 * cache.kv_bytes()
+
+
+def test_cache_from_config_only():
+    model = tiny_model("phi3")
+    ids, mask = padded_batch()
+    ref = generate(model, DynamicCache(config=model.config), ids, mask, do_sample=False)
+    out = generate(model, AdaKVCache(model.config, budget=1.0), ids, mask, do_sample=False)
+    assert model.config._attn_implementation == "adakv_sdpa"
+    assert torch.equal(ref, out)
