@@ -42,6 +42,34 @@ def _check_model(model: PreTrainedModel | None, config: PretrainedConfig) -> Non
         )
 
 
+class UpdateCheck:
+    """What every ``AdaKVLayer.update`` verifies first. Holds no reference to the cache or its layers,
+    so a cache is freed as soon as it is dropped (no reference cycle waiting for the garbage collector)."""
+
+    def __init__(self, text_config: PretrainedConfig, kv_shape: tuple[int, int]):
+        self.text_config = text_config
+        self.kv_shape = kv_shape
+
+    def __call__(self, layer: AdaKVLayer, key_states: torch.Tensor) -> None:
+        if not attention.is_active(self.text_config):
+            raise ValueError(
+                "This AdaKVCache's model no longer uses adakv's attention (its attention implementation was switched "
+                f"to {self.text_config._attn_implementation!r}). Create a new AdaKVCache(model, ...) after switching."
+            )
+        if key_states.dim() != 4 or tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) != self.kv_shape:
+            raise ValueError(
+                f"This AdaKVCache was made for a model with (kv_heads, head_dim) = {self.kv_shape}, "
+                f"but got key states of shape {tuple(key_states.shape)}. Create one AdaKVCache per model."
+            )
+        held = layer.store.shape[0] if layer.store is not None else key_states.shape[0]
+        if key_states.shape[0] != held:
+            raise ValueError(
+                f"This AdaKVCache holds {held} sequences but the model was called with a batch of "
+                f"{key_states.shape[0]}. For beam search or num_return_sequences on an already filled cache, call "
+                "cache.batch_repeat_interleave(num_beams) first."
+            )
+
+
 class AdaKVCache(Cache):
     """A KV cache that keeps only the tokens that matter, a different number per (sequence, KV head).
 
@@ -103,41 +131,17 @@ class AdaKVCache(Cache):
         self._text_config = text_config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        self._kv_shape = (kv_heads, head_dim)
+        check = UpdateCheck(text_config, (kv_heads, head_dim))
         layers = [
-            AdaKVLayer(compressor, self._check_update)
-            if kind == "full_attention"
-            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            AdaKVLayer(compressor, check) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for kind, kw in zip(layer_types, layer_kwargs)
         ]
         compressed = [layer for layer in layers if isinstance(layer, AdaKVLayer)]
         for rank, layer in enumerate(compressed):
             layer.rank, layer.num_compressed = rank, len(compressed)
-        compressor.layers = compressed
+        compressor.set_layers(compressed)
         super().__init__(layers=layers)
         attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
-
-    # -- checks -------------------------------------------------------------------------------------------------------
-    def _check_update(self, layer: AdaKVLayer, key_states: torch.Tensor) -> None:
-        if not attention.is_active(self._text_config):
-            raise ValueError(
-                "This AdaKVCache's model no longer uses adakv's attention (its attention implementation was switched "
-                f"to {self._text_config._attn_implementation!r}). Create a new AdaKVCache(model, ...) after switching."
-            )
-        if key_states.dim() != 4 or tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) != self._kv_shape:
-            raise ValueError(
-                f"This AdaKVCache was made for a model with (kv_heads, head_dim) = {self._kv_shape}, "
-                "but got key states "
-                f"of shape {tuple(key_states.shape)}. Create one AdaKVCache per model."
-            )
-        held = layer.store.shape[0] if layer.store is not None else key_states.shape[0]
-        if key_states.shape[0] != held:
-            raise ValueError(
-                f"This AdaKVCache holds {held} sequences but the model was called with a batch of "
-                f"{key_states.shape[0]}. "
-                "For beam search or num_return_sequences on an already filled cache, call "
-                "cache.batch_repeat_interleave(num_beams) first."
-            )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -53,7 +54,15 @@ class Compressor:
         self.scorer = scorer
         self.allocator = allocator
         self.window = check_window(window)
-        self.layers: list = []  # the cache's compressed layers, in order (cross-layer allocators need them)
+        self._layers: list[weakref.ref] = []  # the cache's compressed layers (weak: no reference cycle)
+
+    def set_layers(self, layers: list) -> None:
+        """The cache's compressed layers, in order (cross-layer allocators need them)."""
+        self._layers = [weakref.ref(layer) for layer in layers]
+
+    @property
+    def layers(self) -> list:
+        return [ref() for ref in self._layers]
 
     def tokens_per_head(self, n_valid: torch.Tensor) -> torch.Tensor:
         if isinstance(self.budget, int):
@@ -92,7 +101,8 @@ class Compressor:
 
     def _across_layers(self, scores: torch.Tensor, budget: torch.Tensor, rank: int) -> torch.Tensor:
         """Cascading cross-layer selection: this layer and the tokens earlier layers hold compete."""
-        earlier = self.layers[:rank]
+        layers = self.layers
+        earlier = layers[:rank]
         if any(getattr(layer, "kept_scores", None) is None for layer in earlier):
             raise ValueError("Cross-layer allocation needs the layers prefilled in order, in one forward.")
         pieces = [layer.kept_scores for layer in earlier] + [scores]
@@ -101,8 +111,8 @@ class Compressor:
             layer.store.retain(mask)
             layer.kept_scores = _pack(layer.kept_scores, mask)
         keep = masks[-1]
-        if self.layers:
-            self.layers[rank].kept_scores = _pack(scores, keep)
+        if layers:
+            layers[rank].kept_scores = _pack(scores, keep)
         return keep
 
     def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

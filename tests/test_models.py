@@ -234,3 +234,23 @@ def test_cache_from_config_only():
     out = generate(model, AdaKVCache(model.config, budget=1.0), ids, mask, do_sample=False)
     assert model.config._attn_implementation == "adakv_sdpa"
     assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("method", ["ada-snapkv", "layer-defensivekv"])
+def test_dropped_cache_frees_its_memory_without_the_garbage_collector(method):
+    """No reference cycles: a benchmark creating caches in a loop must not accumulate them."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    gc.collect()
+    gc.disable()
+    try:
+        cache = AdaKVCache(model, budget=0.3, window=4, method=method)
+        generate(model, cache, ids, mask, do_sample=False)
+        cache_ref, store_ref = weakref.ref(cache), weakref.ref(cache.layers[0].store)
+        del cache
+        assert cache_ref() is None and store_ref() is None
+    finally:
+        gc.enable()
