@@ -7,7 +7,7 @@ out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 
 from .allocators import ALLOCATORS, AdaKV, Allocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
-from .cache import AdaKVCache
+from .cache import AdaKVCache, kv_bytes
 from .methods import METHODS
 from .scorers import (
     H2O,
@@ -45,5 +45,6 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "Uniform",
+    "kv_bytes",
     "restore_attention",
 ]

@@ -42,6 +42,22 @@ def _check_model(model: PreTrainedModel | None, config: PretrainedConfig) -> Non
         )
 
 
+def layer_kv_bytes(layer: object) -> int:
+    """Bytes of K/V one cache layer holds (compacted storage for adakv layers, dense tensors otherwise)."""
+    if isinstance(layer, AdaKVLayer):
+        return layer.nbytes()
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return 0 if keys is None or values is None else keys.nbytes + values.nbytes
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes of K/V storage any transformers cache holds now (all layers; an AdaKVCache's slack included).
+
+    Use it to compare an AdaKVCache with a DynamicCache on the same footing.
+    """
+    return sum(layer_kv_bytes(layer) for layer in cache.layers)
+
+
 class UpdateCheck:
     """What every ``AdaKVLayer.update`` verifies first. Holds no reference to the cache or its layers,
     so a cache is freed as soon as it is dropped (no reference cycle waiting for the garbage collector)."""
@@ -155,13 +171,7 @@ class AdaKVCache(Cache):
     # -- introspection ------------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of K/V storage the cache holds now, all layers, slack included."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, AdaKVLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return kv_bytes(self)
 
     def kept_lengths(self, layer_idx: int) -> torch.Tensor:
         """Tokens held per (sequence, KV head) of a compressed layer: int64 ``[batch, kv_heads]``."""
@@ -187,7 +197,7 @@ class AdaKVCache(Cache):
                 )
             else:
                 seen = layer.get_seq_length()
-                nbytes = 0 if getattr(layer, "keys", None) is None else layer.keys.nbytes + layer.values.nbytes
+                nbytes = layer_kv_bytes(layer)
                 kind = "adakv" if isinstance(layer, AdaKVLayer) else "stock"
                 rows.append(f"{idx:>5} {kind:<8} {seen:>7} {'-':>9} {'-':>8} {'-':>7} {nbytes / 1024:>9.1f}")
         rows.append(f"total K/V bytes: {self.kv_bytes()}")

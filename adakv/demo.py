@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from . import AdaKVCache
+from . import AdaKVCache, kv_bytes
 from .compression import check_budget
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
@@ -23,10 +23,6 @@ from .needle import is_correct, make_needle_sample
 def _budget(text: str) -> float | int:
     value = float(text)
     return check_budget(int(value) if value.is_integer() and value > 1 else value)
-
-
-def dense_kv_bytes(cache: DynamicCache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
 def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tokens: int) -> tuple[str, float, int]:
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ada = AdaKVCache(model, budget=args.budget, scorer=args.scorer, allocator=args.allocator)
     ada_text, ada_time, ada_new = answer(model, tokenizer, sample, ada, args.question_agnostic, args.max_new_tokens)
 
-    full_bytes, ada_bytes = dense_kv_bytes(full_cache), ada.kv_bytes()
+    full_bytes, ada_bytes = kv_bytes(full_cache), kv_bytes(ada)
     rows = [
         ("full cache (DynamicCache)", full_text, full_bytes, full_time, full_new),
         (f"AdaKVCache budget={args.budget}", ada_text, ada_bytes, ada_time, ada_new),

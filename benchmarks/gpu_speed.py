@@ -29,7 +29,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adakv
-from adakv import AdaKVCache
+from adakv import AdaKVCache, kv_bytes
 from adakv.kernels import ops_for
 from adakv.storage import RaggedKV
 
@@ -130,11 +130,7 @@ def e2e_point(args, model, ctx: int, batch: int, bandwidth: float) -> dict:
         except torch.OutOfMemoryError:
             row[name] = "out of memory"
             continue
-        kv = (
-            cache.kv_bytes()
-            if isinstance(cache, AdaKVCache)
-            else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        )
+        kv = kv_bytes(cache)
         row[name] = {
             "decode_ms_per_token": t * 1e3,
             "kv_bytes": kv,

@@ -25,7 +25,7 @@ import transformers
 from transformers import DynamicCache
 
 import adakv
-from adakv import METHODS
+from adakv import METHODS, kv_bytes
 from adakv.models import load_smollm2
 from adakv.needle import is_correct, make_needle_sample
 from adakv.replay import record_prefill, replay
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     model(prefix, past_key_values=dense)
             text = decode(model, tok, dense, full, full.shape[1], args.max_new_tokens)
             correct[f"{mode}|full|1.0"] = correct.get(f"{mode}|full|1.0", 0) + is_correct(text, s)
-            dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+            dense_bytes = kv_bytes(dense)
             record = record_prefill(model, prefix)
             first = record.last_logits.argmax(-1, keepdim=True)
             # question-aware: the prompt's last logits do not depend on the method; continue after them

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..cache import kv_bytes
 from ..replay import record_prefill, replay
 from .metrics import continuation_logprobs, full_cache, greedy_agreement, greedy_decode, prose_split, teacher_forced_kl
 from .tasks import score
@@ -34,11 +35,6 @@ class Progress:
         left = spent / self.done * (self.total - self.done)
         line = f"[{self.done}/{self.total}] {label}  {spent:.0f}s elapsed, ~{left:.0f}s left"
         print(line, file=sys.stderr, flush=True)
-
-
-def _dense_bytes(cache: Any) -> int:
-    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
 
 
 @torch.no_grad()
@@ -77,7 +73,7 @@ def run_quality(args: argparse.Namespace, model: Any, tok: Any, samples: dict) -
                     with torch.no_grad():
                         model(prefix, past_key_values=dense)
                 runs = [("full", 1.0, _answer(model, tok, dense, full, None, max_new), 1.0)]
-                dense_bytes = _dense_bytes(dense)
+                dense_bytes = kv_bytes(dense)
                 record = record_prefill(model, prefix)
                 first = record.last_logits.argmax(-1, keepdim=True) if mode == "aware" else None
                 for method in args.methods:
