@@ -140,6 +140,12 @@ class AdaKVCache(Cache):
             raise ValueError(
                 f"AdaKVCache supports attention layers only; {type(config).__name__} has {unsupported} layers."
             )
+        if "full_attention" not in layer_types:
+            raise ValueError(
+                f"{type(config).__name__} has only sliding-window layers (sliding_window="
+                f"{getattr(text_config, 'sliding_window', None)}), which AdaKVCache leaves uncompressed, so it would "
+                "save nothing. Use a model (or config) with full-attention layers."
+            )
         name = attention.implementation_for(config)
 
         self.compressor = compressor

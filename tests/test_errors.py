@@ -115,3 +115,10 @@ def test_right_padding_is_refused(model):
     right = torch.flip(mask, [-1])
     with pytest.raises(ValueError, match="padding_side = 'left'"):
         model(ids, attention_mask=right, past_key_values=AdaKVCache(model, budget=0.5))
+
+
+def test_model_with_only_sliding_layers_is_refused():
+    model = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(ValueError, match="only sliding-window layers"):
+        AdaKVCache(model, budget=0.2)
+    assert model.config._attn_implementation == "sdpa"
