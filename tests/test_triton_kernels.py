@@ -140,8 +140,8 @@ def test_generate_with_triton_backend_matches_torch(family, monkeypatch):
 
     from adakv import AdaKVCache
 
-    model = tiny_model(family)
-    ids, mask = padded_batch(seq_len=56)
+    model = tiny_model(family).to(DEVICE)
+    ids, mask = (t.to(DEVICE) for t in padded_batch(seq_len=56))
     outs = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("ADAKV_BACKEND", backend)
