@@ -87,7 +87,7 @@ def haystack_text() -> str:
 
 
 @lru_cache(maxsize=4)
-def _sentences(tokenizer: Any) -> tuple[tuple[str, int], ...]:
+def haystack_sentences(tokenizer: Any) -> tuple[tuple[str, int], ...]:
     """Haystack sentences with their (approximate, in-context) token counts."""
     sents = [s for s in _SENTENCE_END.split(haystack_text()) if s]
     return tuple((s, len(tokenizer.encode(" " + s, add_special_tokens=False))) for s in sents)
@@ -182,7 +182,7 @@ def make_needle_sample(tokenizer: Any, context_tokens: int, depth: float, seed: 
     text, split = _prompt_layout(tokenizer, "", question, "")
     overhead = len(tokenizer.encode(text[:split], add_special_tokens=False))
     budget = context_tokens - overhead - len(tokenizer.encode(" " + needle, add_special_tokens=False))
-    sents = _sentences(tokenizer)
+    sents = haystack_sentences(tokenizer)
     chosen: list[str] = []
     used, i = 0, rng.randrange(len(sents))
     while used < budget:
@@ -209,4 +209,4 @@ def is_correct(generated_text: str, sample: NeedleSample) -> bool:
     return re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", text) is not None
 
 
-__all__ = ["NeedleSample", "make_needle_sample", "is_correct", "haystack_text", "KEYS"]
+__all__ = ["NeedleSample", "make_needle_sample", "is_correct", "haystack_text", "haystack_sentences", "KEYS"]

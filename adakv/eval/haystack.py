@@ -1,6 +1,6 @@
 """Text sources for the task contexts: haystack sentences (prose or repeated filler) and a word pool.
 
-Prose comes from :func:`adakv.needle.haystack_text`; the word pool from the license texts in
+Prose comes from :func:`adakv.needle.haystack_sentences`; the word pool from the license texts in
 :data:`adakv.needle.LICENSE_DIR`. Sentence token counts are cached per tokenizer.
 """
 
@@ -11,11 +11,10 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from ..needle import LICENSE_DIR, haystack_text
+from ..needle import LICENSE_DIR, haystack_sentences
 
 HAYSTACKS = ("prose", "filler")
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _ntok(tokenizer: Any, text: str) -> int:
@@ -24,8 +23,9 @@ def _ntok(tokenizer: Any, text: str) -> int:
 
 @lru_cache(maxsize=8)
 def _units(tokenizer: Any, haystack: str) -> tuple[tuple[str, int], ...]:
-    sentences = [s for s in _SENTENCE_END.split(haystack_text()) if s] if haystack == "prose" else list(FILLER)
-    return tuple((s, _ntok(tokenizer, s)) for s in sentences)
+    if haystack == "prose":
+        return haystack_sentences(tokenizer)  # the needle task's sentences, counted the same way
+    return tuple((s, _ntok(tokenizer, s)) for s in FILLER)
 
 
 def _haystack(tokenizer: Any, haystack: str, n_tokens: int, rng: random.Random) -> list[str]:
