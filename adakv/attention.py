@@ -105,6 +105,7 @@ def _append(module, query, handle, mask, scaling, kwargs):
     attend = ops_for(query).ragged_attention
     softcap = kwargs.get("softcap")
     out = attend(q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.max_length())
+    handle.layer.after_attention(q, scaling, softcap, hidden)
     return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous(), None
 
 

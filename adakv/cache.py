@@ -130,6 +130,12 @@ class AdaKVCache(Cache):
         else:
             scorer_obj = get_scorer("snapkv" if scorer is None else scorer)
             allocator_obj = get_allocator("adakv" if allocator is None else allocator)
+        if getattr(scorer_obj, "accumulate_decode", False) and getattr(allocator_obj, "cross_layer", False):
+            raise ValueError(
+                f"{scorer_obj!r} evicts during decoding, per layer; the cross-layer allocator {allocator_obj!r} "
+                "re-splits the budget across layers at prefill only. Use a per-layer allocator (uniform, adakv, "
+                "pyramidkv) with accumulate_decode=True."
+            )
         compressor = Compressor(budget, scorer_obj, allocator_obj, window)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)

@@ -69,8 +69,11 @@ class Compressor:
             return n_valid.clamp(max=self.budget)
         return torch.floor(n_valid.double() * self.budget + 0.5).long().clamp(min=1).minimum(n_valid)
 
-    def select(self, inputs: ScoreInputs) -> torch.Tensor:
-        """Bool keep mask ``[B, H_kv, L]`` for one layer's prefill."""
+    def select(
+        self, inputs: ScoreInputs, with_scores: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Bool keep mask ``[B, H_kv, L]`` for one layer's prefill; ``with_scores``: also the
+        scorer's raw scores (its second stage for staged scorers), computed even if all is kept."""
         valid = inputs.valid
         bsz, heads, seq, _ = inputs.keys.shape
         n_valid = valid.sum(-1).cpu()
@@ -78,9 +81,22 @@ class Compressor:
         per_head = self.allocator.layer_budget(per_head, n_valid, inputs.layer, inputs.num_layers, self.window)
         per_head = per_head.clamp(min=1).minimum(n_valid)
         whole = valid[:, None, :].expand(bsz, heads, seq)
-        if bool((per_head >= n_valid).all()):
+        if bool((per_head >= n_valid).all()) and not with_scores:
             return whole.clone()
         out = self.scorer(inputs)
+        if with_scores:
+            raw = (out.second if isinstance(out, StagedScores) else out).float()
+            return self._select_from(out, inputs, per_head, n_valid), raw
+        return self._select_from(out, inputs, per_head, n_valid)
+
+    def _select_from(
+        self, out: torch.Tensor | StagedScores, inputs: ScoreInputs, per_head: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        valid = inputs.valid
+        bsz, heads, seq, _ = inputs.keys.shape
+        whole = valid[:, None, :].expand(bsz, heads, seq)
+        if bool((per_head >= n_valid).all()):
+            return whole.clone()
         protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
         pos_from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
         protected = (pos_from_end[None, :] < protect[:, None])[:, None, :]  # left padding: the window is the tail
@@ -109,10 +125,10 @@ class Compressor:
         masks = LayerAdaptive.across_layers(pieces, budget * scores.shape[1] * (rank + 1))
         for layer, mask in zip(earlier, masks):
             layer.store.retain(mask)
-            layer.kept_scores = _pack(layer.kept_scores, mask)
+            layer.kept_scores = pack_kept(layer.kept_scores, mask)
         keep = masks[-1]
         if layers:
-            layers[rank].kept_scores = _pack(scores, keep)
+            layers[rank].kept_scores = pack_kept(scores, keep)
         return keep
 
     def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -133,10 +149,10 @@ class Compressor:
         )
 
 
-def _pack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, -inf after."""
+def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
+    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, ``fill`` after."""
     counts = keep.sum(-1)
     width = int(counts.max()) if counts.numel() else 0
-    out = torch.full((*values.shape[:-1], width + 1), float("-inf"), dtype=values.dtype, device=values.device)
+    out = torch.full((*values.shape[:-1], width + 1), fill, dtype=values.dtype, device=values.device)
     slot = torch.where(keep, torch.cumsum(keep.long(), -1) - 1, width)
-    return out.scatter_(-1, slot, values.masked_fill(~keep, float("-inf")))[..., :width]
+    return out.scatter_(-1, slot, values.masked_fill(~keep, fill))[..., :width]

@@ -8,7 +8,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention import KVHandle
-from .compression import Compressor
+from .compression import Compressor, pack_kept
+from .decode_eviction import DecodeAccumulator
 from .scorers import ScoreInputs
 from .storage import RaggedKV
 
@@ -36,6 +37,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.seen = 0
         self.rank, self.num_compressed = 0, 1  # index among the cache's compressed layers (set by the cache)
         self.kept_scores: torch.Tensor | None = None  # [B, H, M] scores of held tokens (cross-layer allocation only)
+        self.decode: DecodeAccumulator | None = None  # eviction during decoding (H2O(accumulate_decode=True))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -63,6 +65,7 @@ class AdaKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.store = None
         self.kept_scores = None
+        self.decode = None
         self.seen = 0
         self.is_initialized = False
 
@@ -80,19 +83,38 @@ class AdaKVLayer(CacheLayerMixin):
         inputs = ScoreInputs(
             query, keys, values, valid, self.compressor.window, scaling, softcap, module, self.rank, self.num_compressed
         )
-        self.store = RaggedKV.from_dense(keys, values, self.compressor.select(inputs))
+        if not getattr(self.compressor.scorer, "accumulate_decode", False):
+            self.store = RaggedKV.from_dense(keys, values, self.compressor.select(inputs))
+            return
+        keep, scores = self.compressor.select(inputs, with_scores=True)
+        self.store = RaggedKV.from_dense(keys, values, keep)
+        target = self.store.lengths()
+        if isinstance(self.compressor.budget, int):  # short prompts may grow up to the budget
+            target = target.clamp(min=self.compressor.budget)
+        self.decode = DecodeAccumulator(pack_kept(scores, keep, fill=0.0), target, self.compressor.window)
+
+    def after_attention(
+        self, q: torch.Tensor, scaling: float, softcap: float | None, hidden: torch.Tensor | None
+    ) -> None:
+        """Decoding-time eviction: accumulate the new queries' attention, cut back if a head outgrew its target."""
+        if self.decode is not None:
+            self.decode.observe(q, self.store, scaling, softcap, hidden)
+            self.decode.cut_back(self.store)
 
     # -- batch manipulation (beam search, contrastive search, num_return_sequences) --------------------------------
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.store is not None:
-            self.store.select_batch(torch.as_tensor(indices, dtype=torch.long))
+            index = torch.as_tensor(indices, dtype=torch.long)
+            self.store.select_batch(index)
+            if self.decode is not None:
+                self.decode.select_batch(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.store is not None:
-            self.store.select_batch(torch.arange(self.store.shape[0]).repeat_interleave(repeats))
+            self.batch_select_indices(torch.arange(self.store.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("AdaKVCache cannot be cropped: evicted tokens are gone (no assisted decoding).")

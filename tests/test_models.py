@@ -71,7 +71,7 @@ class KeepOldest(Scorer):
 
     def __call__(self, inputs):
         bsz, heads, seq, _ = inputs.keys.shape
-        return -torch.arange(seq, dtype=torch.float32).expand(bsz, heads, seq).clone()
+        return -torch.arange(seq, dtype=torch.float32, device=inputs.keys.device).expand(bsz, heads, seq).clone()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -79,7 +79,7 @@ def test_positions_stay_right_without_position_ids(family):
     """Evicting the same tokens in every head equals masking them out of a DynamicCache; decoding without
     position_ids then shows that the cache reports the logical length (RoPE positions unchanged)."""
     model = tiny_model(family)
-    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5)).to(model.device)
     budget, window = 12, 4
     cache = AdaKVCache(model, budget=budget, scorer=KeepOldest(), allocator=Uniform(), window=window)
     dense = DynamicCache(config=model.config)
@@ -87,12 +87,12 @@ def test_positions_stay_right_without_position_ids(family):
         a = model(ids, past_key_values=cache).logits
         b = model(ids, past_key_values=dense).logits
         torch.testing.assert_close(a, b)
-        keep2d = torch.zeros(1, 40, dtype=torch.long)
+        keep2d = torch.zeros(1, 40, dtype=torch.long, device=model.device)
         keep2d[0, : budget - window] = 1
         keep2d[0, -window:] = 1
         tok = a[:, -1:].argmax(-1)
         for step in range(6):
-            keep2d = torch.cat([keep2d, torch.ones(1, 1, dtype=torch.long)], -1)
+            keep2d = torch.cat([keep2d, torch.ones_like(keep2d[:, :1])], -1)
             la = model(tok, past_key_values=cache).logits  # no mask, no position_ids
             lb = model(tok, attention_mask=keep2d, past_key_values=dense).logits
             if family == "gemma3":  # its sliding layers see the evicted tokens; compare the compressed layer only

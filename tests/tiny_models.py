@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import transformers as tf
 
@@ -17,6 +19,9 @@ COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+# `ADAKV_TEST_DEVICE=cuda` runs the model tests on a GPU (with the Triton kernels compiled, not interpreted).
+DEVICE = torch.device(os.environ.get("ADAKV_TEST_DEVICE", "cpu"))
 
 FAMILIES = {
     "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
@@ -50,7 +55,7 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> tf.PreTrainedModel:
     # Random init gives near-uniform logits; sharper weights make greedy decoding decisive.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
-    return model
+    return model.to(DEVICE)
 
 
 def padded_batch(seq_len: int = 48, pad: int = 7, seed: int = 0, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,4 +65,4 @@ def padded_batch(seq_len: int = 48, pad: int = 7, seed: int = 0, vocab: int = 25
     mask = torch.ones_like(ids)
     ids[0, :pad] = 0
     mask[0, :pad] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)

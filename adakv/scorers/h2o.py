@@ -22,12 +22,25 @@ class H2O(Scorer):
     Computed one block of queries at a time: each block's rows get their
     log-sum-exp over all keys, and the column sums of exp(logit - lse) are
     accumulated, so no L x L matrix ever exists (memory ~ block x L per head).
+
+    ``accumulate_decode=True`` is H2O's decoding policy: each decoded query's
+    attention is added to the held tokens' scores, and a head that has grown 16
+    tokens past what it kept after the prompt (an int budget: past the budget)
+    is cut back to it, the recent window kept and the rest by accumulated score
+    (:mod:`adakv.decode_eviction`). Memory then stays bounded however long the
+    generation; without it the prompt is compressed once and decoded tokens are
+    all kept.
     """
 
     name = "h2o"
 
-    def __init__(self, block_elements: int = BLOCK_ELEMENTS):
+    def __init__(self, block_elements: int = BLOCK_ELEMENTS, accumulate_decode: bool = False):
+        if isinstance(block_elements, bool) or not isinstance(block_elements, int) or block_elements < 1:
+            raise ValueError(f"block_elements must be an int >= 1, got {block_elements!r}.")
+        if not isinstance(accumulate_decode, bool):
+            raise TypeError(f"accumulate_decode must be True or False, got {accumulate_decode!r}.")
         self.block_elements = block_elements
+        self.accumulate_decode = accumulate_decode
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         return accumulated_attention(inputs, self.block_elements)

@@ -1,0 +1,124 @@
+"""H2O's decoding-time policy: accumulated attention of decoded queries, bounded per-head memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import padded_batch, tiny_model
+from transformers import DynamicCache
+
+from adakv import H2O, AdaKVCache
+from adakv.decode_eviction import SLACK
+
+
+def test_decode_eviction_matches_a_dense_simulation_of_h2o():
+    """One layer, one KV head (4 query heads), batch 1: H2O simulated on a DynamicCache with eager attention
+    (attention weights read from the model, evicted positions masked out) must give the same logits, the same
+    accumulated scores for the held tokens and the same held count at every step."""
+    ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
+    ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
+    ref.set_attn_implementation("eager")
+    budget, window, prompt_len = 12, 4, 40
+    ids = torch.randint(3, 256, (1, prompt_len), generator=torch.Generator().manual_seed(3)).to(ours.device)
+    cache = AdaKVCache(ours, budget, scorer=H2O(accumulate_decode=True), allocator="uniform", window=window)
+    dense = DynamicCache(config=ref.config)
+
+    def cut_back(held: list[int], scores: dict[int, float]) -> list[int]:
+        recent = held[-window:]
+        rest = sorted(held[:-window], key=lambda p: -scores[p])[: budget - window]
+        return sorted(rest + recent)
+
+    with torch.no_grad():
+        a = ours(ids, past_key_values=cache).logits
+        out = ref(ids, past_key_values=dense, output_attentions=True)
+        torch.testing.assert_close(a, out.logits)
+        prob = out.attentions[0][0].float()  # [heads, L, L]
+        scores = dict(enumerate(prob.sum(1).mean(0).tolist()))
+        held = cut_back(list(range(prompt_len)), scores)
+        tok, evictions = a[:, -1:].argmax(-1), 0
+        for _ in range(45):
+            pos = prompt_len + _  # position of the new token
+            mask = torch.zeros(1, pos + 1, dtype=torch.long, device=ours.device)
+            mask[0, held + [pos]] = 1
+            la = ours(tok, past_key_values=cache).logits
+            out = ref(tok, attention_mask=mask, past_key_values=dense, output_attentions=True)
+            torch.testing.assert_close(la, out.logits, rtol=1e-4, atol=1e-5)
+            held.append(pos)
+            scores[pos] = 0.0
+            step = out.attentions[0][0, :, 0].float().mean(0)  # [pos + 1]
+            for p in held:
+                scores[p] += float(step[p])
+            if len(held) > budget + SLACK:
+                held, evictions = cut_back(held, scores), evictions + 1
+            layer = cache.layers[0]
+            assert cache.kept_lengths(0).tolist() == [[len(held)]]
+            torch.testing.assert_close(
+                layer.decode.scores[0, 0, : len(held)].cpu(),
+                torch.tensor([scores[p] for p in held]),
+                rtol=1e-4,
+                atol=1e-6,
+            )
+            tok = la.argmax(-1)
+    assert evictions >= 2
+
+
+def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
+    model = tiny_model("qwen2", num_key_value_heads=2, num_attention_heads=4)
+    ids, mask = padded_batch(seq_len=80, pad=11)
+    new = 50
+    scorer = H2O(accumulate_decode=True)
+    cache = AdaKVCache(model, 0.25, scorer=scorer, allocator="adakv", window=4)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    targets = {i: cache.kept_lengths(i) for i in range(3)}
+    assert any(len(set(t.flatten().tolist())) > 1 for t in targets.values())  # Ada-KV: uneven heads
+    for i, t in targets.items():
+        assert torch.equal(cache.layers[i].decode.target, t)
+    cache.batch_repeat_interleave(2)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=2,
+            num_return_sequences=2,
+        )
+    assert out.shape == (4, 80 + new)
+    for i, t in targets.items():
+        held = cache.kept_lengths(i)
+        limit = t.repeat_interleave(2, 0) + SLACK
+        assert (held <= limit).all(), (i, held, limit)
+        assert cache.layers[i].decode.scores.shape[:2] == held.shape
+    plain = AdaKVCache(model, 0.25, scorer=H2O(), allocator="adakv", window=4)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, past_key_values=plain, max_new_tokens=new, do_sample=False)
+    assert torch.equal(plain.kept_lengths(0), targets[0] + new - 1)  # without it every decoded token stays
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_int_budget_context_then_question(family):
+    """A short context (kept whole: it may grow to the int budget), then a padded multi-token question, then
+    decoding; gemma2 adds soft-capping and sliding layers (left alone)."""
+    model = tiny_model(family)
+    ids, mask = padded_batch(seq_len=36, pad=3)
+    cache = AdaKVCache(model, 30, scorer=H2O(accumulate_decode=True), allocator="uniform", window=4)
+    with torch.no_grad():
+        model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)
+        compressed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "decode")]
+        assert all(cache.layers[i].decode.target.eq(30).all() for i in compressed)
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    for i in compressed:
+        held = cache.kept_lengths(i)
+        assert (held <= 30 + SLACK).all() and (held >= 30).all()
+
+
+def test_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="accumulate_decode must be True or False"):
+        H2O(accumulate_decode="yes")
+    with pytest.raises(ValueError, match="block_elements must be an int >= 1"):
+        H2O(block_elements=0)
+    with pytest.raises(ValueError, match="per-layer allocator"):
+        AdaKVCache(model, 0.2, scorer=H2O(accumulate_decode=True), allocator="layer-adaptive")
