@@ -7,6 +7,7 @@ and are tested against it. :func:`ops_for` picks the implementation for a tensor
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ BACKENDS = ("torch", "triton", "flash")
 _OPS = ("compact_", "copy_segments_", "append_", "ragged_attention")
 
 
+@functools.cache  # built once: this runs for every decoded token and layer
 def _triton_ops() -> SimpleNamespace:
     try:
         copy = importlib.import_module(".triton_copy", __name__)

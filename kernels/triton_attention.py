@@ -33,6 +33,7 @@ def _ragged_attention_kernel(
     acc_ptr,
     m_ptr,
     l_ptr,
+    out_ptr,
     heads,
     n_rows,
     q_len,
@@ -44,6 +45,7 @@ def _ragged_attention_kernel(
     HAS_HIDDEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
+    SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -103,10 +105,38 @@ def _ragged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    part = (seg * n_splits + split) * n_rows + rows
-    tl.store(m_ptr + part, m_i, mask=row_ok)
-    tl.store(l_ptr + part, l_i, mask=row_ok)
-    tl.store(acc_ptr + part[:, None] * dim + cols_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if SINGLE:  # one split: normalize and write the result directly (rows that saw nothing give 0)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dst = out_ptr + (seg * n_rows + rows)[:, None] * dim + cols_d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part = (seg * n_splits + split) * n_rows + rows
+        tl.store(m_ptr + part, m_i, mask=row_ok)
+        tl.store(l_ptr + part, l_i, mask=row_ok)
+        tl.store(acc_ptr + part[:, None] * dim + cols_d[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    acc_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Log-sum-exp merge of one (segment, row)'s splits; splits that saw nothing carry m = -inf, l = 0."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < n_splits
+    part = (seg * n_splits + splits) * n_rows + row
+    m = tl.load(m_ptr + part, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+    denom = tl.sum(l * weight, 0)
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < dim
+    acc = tl.load(acc_ptr + part[:, None] * dim + cols_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    o = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + (seg * n_rows + row) * dim + cols_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def ragged_attention(
@@ -140,13 +170,17 @@ def ragged_attention(
     n_splits = max(1, min(triton.cdiv(max_len, 4 * block_n), triton.cdiv(1024, n_seg * row_blocks)))
     split_size = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
     n_splits = triton.cdiv(max_len, split_size)
-    acc = _alloc(n_seg, n_splits, n_rows, dim, dtype=torch.float32, device=q.device)
-    m = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
-    l = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
+    out = _alloc(bsz, heads, group, q_len, dim, dtype=q.dtype, device=q.device)
+    single = n_splits == 1
+    if single:  # no partials: the kernel writes `out` (the scratch pointers are unused)
+        acc = m = l = out
+    else:
+        acc = _alloc(n_seg, n_splits, n_rows, dim, dtype=torch.float32, device=q.device)
+        m = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
+        l = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
     has_hidden = hidden is not None
     hidden_arg = hidden.to(torch.int64).contiguous() if has_hidden else start  # unused pointer when absent
-    grid = (n_seg, row_blocks, n_splits)
-    _ragged_attention_kernel[grid](
+    _ragged_attention_kernel[(n_seg, row_blocks, n_splits)](
         q,
         k_buf,
         v_buf,
@@ -156,6 +190,7 @@ def ragged_attention(
         acc,
         m,
         l,
+        out,
         heads,
         n_rows,
         q_len,
@@ -167,13 +202,12 @@ def ragged_attention(
         HAS_HIDDEN=has_hidden,
         HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32 or _INTERPRETED,
+        SINGLE=single,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
-    # log-sum-exp merge of the splits (splits that saw nothing carry m = -inf, l = 0)
-    m_max = m.amax(1, keepdim=True)
-    weight = torch.exp(m - torch.where(torch.isinf(m_max), 0.0, m_max))
-    denom = (l * weight).sum(1)
-    out = (acc * weight[..., None]).sum(1) / torch.where(denom > 0, denom, 1.0)[..., None]
-    return out.reshape(bsz, heads, group, q_len, dim).to(q.dtype)
+    if not single:
+        block_s = max(2, triton.next_power_of_2(n_splits))
+        _merge_splits_kernel[(n_seg, n_rows)](acc, m, l, out, n_rows, n_splits, dim, BLOCK_S=block_s, BLOCK_D=block_d)
+    return out

@@ -49,6 +49,19 @@ def test_ragged_attention_matches_reference(bsz, heads, group, q_len, dim, dtype
     lengths.view(-1)[0] = max_len  # very uneven: one long segment, others short, zero or one token
     if lengths.numel() > 1:
         lengths.view(-1)[-1] = int(torch.randint(0, 2, (1,), generator=gen))
+    _compare_attention(lengths, group, q_len, dim, dtype, softcap, use_hidden, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_long_segments_split_and_merge(dtype, q_len):
+    """Segments long enough for several splits (the log-sum-exp merge kernel) next to empty and short ones."""
+    lengths = torch.tensor([[2000, 3], [0, 700]])
+    _compare_attention(lengths, 4, q_len, 64, dtype, None, q_len > 1, torch.Generator().manual_seed(q_len))
+
+
+def _compare_attention(lengths, group, q_len, dim, dtype, softcap, use_hidden, gen):
+    bsz, heads = lengths.shape
     start = _layout(lengths, slack=5)
     rows = int((lengths + 5).sum())
     k_buf = torch.full((rows, dim), float("nan"), dtype=dtype)  # slack is NaN: it must never be read
