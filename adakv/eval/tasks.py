@@ -94,17 +94,28 @@ def _body_budget(tokenizer: Any, context_tokens: int, sample: Sample, needed: in
 
 
 def _with_needles(
-    tokenizer: Any, sample: Sample, context_tokens: int, haystack: str, needles: list[str], rng: random.Random
+    tokenizer: Any,
+    sample: Sample,
+    context_tokens: int,
+    haystack: str,
+    needles: list[str],
+    rng: random.Random,
+    depth: float | None = None,
 ) -> Sample:
-    """Fill ``sample.context`` with haystack and insert ``needles`` (order kept) at random sentence boundaries."""
+    """Fill ``sample.context`` with haystack and insert ``needles`` (order kept) at random sentence boundaries,
+    or a single needle at relative ``depth`` (0 = first sentence, 1 = after the last)."""
     needle_tokens = sum(_ntok(tokenizer, n) for n in needles)
     budget = _body_budget(tokenizer, context_tokens, sample, needle_tokens)
     sents = _haystack(tokenizer, haystack, budget - needle_tokens, rng)
-    positions = sorted(rng.randint(0, len(sents)) for _ in needles)
+    if depth is None:
+        positions = sorted(rng.randint(0, len(sents)) for _ in needles)
+    else:
+        positions = [round(depth * len(sents))]
     for pos, needle in reversed(list(zip(positions, needles))):
         sents.insert(pos, needle)
     sample.context = " ".join(sents)
-    sample.meta["depths"] = [round(p / max(len(sents) - len(needles), 1), 3) for p in positions]
+    achieved = [round(p / max(len(sents) - len(needles), 1), 3) for p in positions]
+    sample.meta["depths"] = achieved if depth is None else [depth]  # asked-for depths label heatmap rows
     return sample
 
 
@@ -135,9 +146,12 @@ def _niah(
     values: int = 1,
     queries: int = 1,
     digits: int = 7,
+    depth: float | None = None,
 ) -> Sample:
     """``keys`` x ``values`` needles ``The special magic number for KEY is N.``; asks for the numbers of the
-    first ``queries`` keys (-1: all)."""
+    first ``queries`` keys (-1: all). ``depth`` places a single needle (default: random positions)."""
+    if depth is not None and keys * values != 1:
+        raise ValueError(f"depth places a single needle; task {task!r} has {keys * values}.")
     names = rng.sample(KEYS, keys)
     numbers = [str(x) for x in rng.sample(range(10 ** (digits - 1), 10**digits), keys * values)]
     per_key = {k: numbers[i * values : (i + 1) * values] for i, k in enumerate(names)}
@@ -166,7 +180,7 @@ def _niah(
         8 + len(answers) * (digits + 3),
         {"keys": names, "asked": asked},
     )
-    return _with_needles(tokenizer, sample, context_tokens, haystack, needles, rng)
+    return _with_needles(tokenizer, sample, context_tokens, haystack, needles, rng, depth)
 
 
 def _niah_variant(task: str, doc: str, **fixed: int) -> Callable[..., Sample]:
@@ -336,18 +350,35 @@ TASKS: dict[str, TaskFn] = {
 
 
 def make_samples(
-    task: str, tokenizer: Any, n: int, context_tokens: int, seed: int = 0, haystack: str = "prose", **options: Any
+    task: str,
+    tokenizer: Any,
+    n: int,
+    context_tokens: int,
+    seed: int = 0,
+    haystack: str = "prose",
+    depths: list[float] | None = None,
+    **options: Any,
 ) -> list[Sample]:
     """``n`` samples of ``task`` with a context prompt of ~``context_tokens`` tokens; same seed, same samples.
 
-    ``options`` go to the generator (e.g. ``digits=4`` for the needle tasks).
+    ``options`` go to the generator (e.g. ``digits=4`` for the needle tasks). ``depths`` (niah_single only):
+    sample i has its needle at ``depths[i % len(depths)]``, for depth x length heatmaps.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid tasks: {', '.join(TASKS)}.")
     if haystack not in HAYSTACKS:
         raise ValueError(f"Unknown haystack {haystack!r}. Valid haystacks: {', '.join(HAYSTACKS)}.")
+    if depths and task != "niah_single":
+        raise ValueError(f"depths place the single needle of niah_single; task {task!r} does not take them.")
     return [
-        TASKS[task](tokenizer, context_tokens, random.Random(f"{task}/{seed}/{i}"), haystack, **options)
+        TASKS[task](
+            tokenizer,
+            context_tokens,
+            random.Random(f"{task}/{seed}/{i}"),
+            haystack,
+            **options,
+            **({"depth": depths[i % len(depths)]} if depths else {}),
+        )
         for i in range(n)
     ]
 

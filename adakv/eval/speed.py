@@ -1,0 +1,178 @@
+"""The memory and speed suite: what each method costs against a DynamicCache measured in the same run.
+
+For every context length and batch size, the full cache (DynamicCache) runs first, then every method x budget,
+on the same prose prompt:
+
+* ``kv_bytes``: K/V bytes the cache holds after the prefill (``adakv.kv_bytes``, slack included);
+* ``peak_bytes``: peak memory of prefill + decoding above what was allocated before it: the CUDA allocator's
+  peak on GPU; on CPU the process RSS sampled every millisecond by a thread (an estimate: allocations that
+  live shorter than a millisecond can be missed);
+* ``prefill_s``: wall time of the prefill forward (compression included), ``compress_s`` the part of it spent
+  selecting and compacting (every ``AdaKVLayer.compress`` call, timed);
+* ``decode_ms``: median wall time of one greedy decoding step (batch-wide).
+
+Each figure also appears as a ratio to the full cache's (``*_ratio``). Timings are medians over ``repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..cache import AdaKVCache, kv_bytes
+from ..layer import AdaKVLayer
+from .metrics import full_cache, prose_split
+from .progress import Progress
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc keeps freed heap memory, so RSS would not follow live tensors: fix malloc's mmap threshold at
+    64 KiB (every tensor buffer gets its own mapping, unmapped when freed) and trim what the heap holds."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixing it also stops glibc from raising it)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS is still measured, less tightly
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int | None]]:
+    """``{"peak": bytes}`` above the level at entry, filled in at exit (None where it cannot be measured)."""
+    result: dict[str, int | None] = {"peak": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    if not os.path.exists("/proc/self/statm"):
+        yield result
+        return
+    _return_freed_memory_to_the_os()
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(peak[0], _rss()) - base
+
+
+@contextlib.contextmanager
+def compression_timer(device: torch.device) -> Iterator[list[float]]:
+    """Seconds spent in every ``AdaKVLayer.compress`` call inside the block (appended to the yielded list)."""
+    spent: list[float] = []
+    original = AdaKVLayer.compress
+
+    def timed(self: AdaKVLayer, *args: Any, **kwargs: Any) -> None:
+        _sync(device)
+        begin = time.perf_counter()
+        original(self, *args, **kwargs)
+        _sync(device)
+        spent.append(time.perf_counter() - begin)
+
+    AdaKVLayer.compress = timed
+    try:
+        yield spent
+    finally:
+        AdaKVLayer.compress = original
+
+
+@torch.no_grad()
+def measure(model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], decode_steps: int) -> dict[str, Any]:
+    """Prefill ``ids`` into a fresh cache, then ``decode_steps`` greedy steps; one measurement."""
+    device = ids.device
+    cache = make_cache()
+    with peak_memory(device) as mem:
+        with compression_timer(device) as spent:
+            _sync(device)
+            begin = time.perf_counter()
+            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+            token = logits[:, -1:].argmax(-1)
+            _sync(device)
+            prefill = time.perf_counter() - begin
+        held = kv_bytes(cache)
+        steps = []
+        for _ in range(decode_steps):
+            begin = time.perf_counter()
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            _sync(device)
+            steps.append(time.perf_counter() - begin)
+    return {
+        "kv_bytes": held,
+        "peak_bytes": mem["peak"],
+        "prefill_s": prefill,
+        "compress_s": sum(spent),
+        "decode_ms": 1e3 * statistics.median(steps) if steps else None,
+    }
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    out["kv_bytes"] = runs[0]["kv_bytes"]  # identical across repeats
+    return out
+
+
+def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict], list[dict]]:
+    """One row per (length, batch, method, budget), the full cache's row first, with ratios to it."""
+    configs = [("full", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    points = [(n, b) for n in args.lengths for b in args.batches]
+    progress = Progress(len(points) * len(configs), "speed")
+    rows: list[dict] = []
+    for length, batch in points:
+        ctx, _ = prose_split(tok, length, 1, args.seed)
+        ids = ctx.to(model.device).expand(batch, -1).contiguous()
+        reference: dict[str, Any] = {}
+        for method, budget in configs:
+            if method == "full":
+                factory = lambda: full_cache(model)
+            else:
+                factory = lambda: AdaKVCache(model, budget, method=method, window=args.window)
+            measure(model, ids[:, : min(64, length)], factory, 1)  # warm-up (kernels, allocator)
+            result = _median_of([measure(model, ids, factory, args.decode_steps) for _ in range(args.repeats)])
+            if method == "full":
+                reference = result
+            row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
+            for key in ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms"):
+                ok = row[key] is not None and reference.get(key)
+                row[f"{key}_ratio"] = row[key] / reference[key] if ok else None
+            row["compress_fraction"] = row["compress_s"] / row["prefill_s"] if row["prefill_s"] else None
+            rows.append(row)
+            progress.step(f"length={length} batch={batch} {method} {budget:g}")
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+    progress.close()
+    return rows, []
