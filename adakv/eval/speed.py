@@ -5,8 +5,8 @@ on the same prose prompt:
 
 * ``kv_bytes``: K/V bytes the cache holds after the prefill (``adakv.kv_bytes``, slack included);
 * ``peak_bytes``: peak memory of prefill + decoding above what was allocated before it: the CUDA allocator's
-  peak on GPU; on CPU the process RSS sampled every millisecond by a thread (an estimate: allocations that
-  live shorter than a millisecond can be missed);
+  peak on GPU; on CPU the process RSS sampled every millisecond by a thread, in a run of its own after the
+  timed ones (an estimate: allocations that live shorter than a millisecond can be missed);
 * ``prefill_s``: wall time of the prefill forward (compression included), ``compress_s`` the part of it spent
   selecting and compacting (every ``AdaKVLayer.compress`` call, timed);
 * ``decode_ms``: median wall time of one greedy decoding step (batch-wide).
@@ -109,11 +109,14 @@ def compression_timer(device: torch.device) -> Iterator[list[float]]:
 
 
 @torch.no_grad()
-def measure(model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], decode_steps: int) -> dict[str, Any]:
-    """Prefill ``ids`` into a fresh cache, then ``decode_steps`` greedy steps; one measurement."""
+def measure(
+    model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], decode_steps: int, memory: bool = True
+) -> dict[str, Any]:
+    """Prefill ``ids`` into a fresh cache, then ``decode_steps`` greedy steps; one measurement.
+    ``memory=False`` skips the peak memory (on CPU its sampling thread would perturb the timings)."""
     device = ids.device
     cache = make_cache()
-    with peak_memory(device) as mem:
+    with peak_memory(device) if memory else contextlib.nullcontext({"peak": None}) as mem:
         with compression_timer(device) as spent:
             _sync(device)
             begin = time.perf_counter()
@@ -162,7 +165,11 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
             else:
                 factory = lambda: AdaKVCache(model, budget, method=method, window=args.window)
             measure(model, ids[:, : min(64, length)], factory, 1)  # warm-up (kernels, allocator)
-            result = _median_of([measure(model, ids, factory, args.decode_steps) for _ in range(args.repeats)])
+            on_gpu = model.device.type == "cuda"  # the allocator's peak costs nothing: measure it in every run
+            runs = [measure(model, ids, factory, args.decode_steps, on_gpu) for _ in range(args.repeats)]
+            result = _median_of(runs)
+            if not on_gpu:  # a separate run, sampled
+                result["peak_bytes"] = measure(model, ids, factory, min(args.decode_steps, 4))["peak_bytes"]
             if method == "full":
                 reference = result
             row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
