@@ -27,6 +27,7 @@ class RaggedKV:
         self._length_host = length.to("cpu", torch.int64)
         self._cap_host = capacity.to("cpu", torch.int64)
         self._start_host = torch.cumsum(self._cap_host.reshape(-1), 0).reshape(self._cap_host.shape) - self._cap_host
+        self._min_free = self._free()  # rows every segment can still take: decoding checks one int, not tensors
         device = keys.device
         # copies (not aliases, even on CPU): the host and device metadata are updated separately
         self.length = self._length_host.to(device, copy=True)
@@ -65,6 +66,9 @@ class RaggedKV:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def _free(self) -> int:
+        return int((self._cap_host - self._length_host).min()) if self._length_host.numel() else 0
+
     # -- mutation -----------------------------------------------------------------
     def _relayout(self, capacity: torch.Tensor, source_index: torch.Tensor | None = None) -> None:
         """Move every segment into fresh buffers with the given capacities.
@@ -86,8 +90,15 @@ class RaggedKV:
 
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment."""
+        q_len = new_k.shape[2]
+        if valid is None and q_len <= self._min_free:  # decoding: room everywhere, no tensor op on the host
+            ops_for(self.keys).append_(self.keys, self.values, new_k, new_v, self.start, self.length)
+            self._length_host += q_len
+            self._min_free -= q_len
+            self.length += q_len  # a scalar: no host-to-device copy (that would sync) per decoded token
+            return
         if valid is None:
-            added = torch.full((new_k.shape[0], 1), new_k.shape[2], dtype=torch.int64)
+            added = torch.full((new_k.shape[0], 1), q_len, dtype=torch.int64)
         else:
             added = valid.sum(-1, keepdim=True).to("cpu", torch.int64)
         needed = self._length_host + added
@@ -96,10 +107,8 @@ class RaggedKV:
             self._relayout(needed + slack)
         ops_for(self.keys).append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
         self._length_host += added
-        if valid is None:
-            self.length += new_k.shape[2]  # a scalar: no host-to-device copy (that would sync) per decoded token
-        else:
-            self.length += added.to(self.length.device)
+        self._min_free = self._free()
+        self.length += q_len if valid is None else added.to(self.length.device)
 
     def padded(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments (M = longest) and its in-segment mask."""

@@ -175,9 +175,9 @@ def ragged_attention(
     if single:  # no partials: the kernel writes `out` (the scratch pointers are unused)
         acc = m = l = out
     else:
-        acc = _alloc(n_seg, n_splits, n_rows, dim, dtype=torch.float32, device=q.device)
-        m = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
-        l = _alloc(n_seg, n_splits, n_rows, dtype=torch.float32, device=q.device)
+        parts = n_seg * n_splits * n_rows  # one scratch allocation (each costs host time per decoded token)
+        scratch = _alloc(parts * (dim + 2), dtype=torch.float32, device=q.device)
+        acc, m, l = scratch[: parts * dim], scratch[parts * dim : parts * (dim + 1)], scratch[parts * (dim + 1) :]
     has_hidden = hidden is not None
     hidden_arg = hidden.to(torch.int64).contiguous() if has_hidden else start  # unused pointer when absent
     _ragged_attention_kernel[(n_seg, row_blocks, n_splits)](

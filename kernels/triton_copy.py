@@ -92,24 +92,75 @@ def copy_segments_(dst_k, dst_v, src_k, src_v, src_start, dst_start, length) -> 
     copy_rows_(dst_k, dst_v, dst_start.reshape(-1)[seg] + rank, src_k, src_v, src, src)
 
 
+@triton.jit
+def _append_kernel(
+    new_k,
+    new_v,
+    k_stride_b,
+    k_stride_h,
+    k_stride_q,
+    v_stride_b,
+    v_stride_h,
+    v_stride_q,
+    k_buf,
+    v_buf,
+    start_ptr,
+    length_ptr,
+    rank_ptr,
+    heads,
+    q_len,
+    dim,
+    HAS_RANK: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Segment (b, h) receives its new tokens right after its current ones: all index math in the kernel,
+    so a decoding step costs one launch. ``rank[b, q]`` (with padding) is the slot of token q, -1 = skip."""
+    seg = tl.program_id(0)
+    b = seg // heads
+    h = seg % heads
+    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = qs < q_len
+    if HAS_RANK:
+        rank = tl.load(rank_ptr + b * q_len + qs, mask=q_ok, other=-1)
+        q_ok = q_ok & (rank >= 0)
+    else:
+        rank = qs
+    base = tl.load(start_ptr + seg) + tl.load(length_ptr + seg)
+    cols = tl.arange(0, BLOCK_D)
+    mask = q_ok[:, None] & (cols[None, :] < dim)
+    dst = (base + rank)[:, None] * dim + cols[None, :]
+    k = tl.load(new_k + b * k_stride_b + h * k_stride_h + qs[:, None] * k_stride_q + cols[None, :], mask=mask)
+    v = tl.load(new_v + b * v_stride_b + h * v_stride_h + qs[:, None] * v_stride_q + cols[None, :], mask=mask)
+    tl.store(k_buf + dst, k, mask=mask)
+    tl.store(v_buf + dst, v, mask=mask)
+
+
 def append_(k_buf, v_buf, new_k, new_v, start, length, valid=None) -> None:
-    """Triton version of :func:`adakv.kernels.reference.append_` (no host sync when ``valid`` is None)."""
-    bsz, heads, q_len, _ = new_k.shape
-    dev = new_k.device
-    b = torch.arange(bsz, device=dev)[:, None, None].expand(bsz, heads, q_len)
-    h = torch.arange(heads, device=dev)[None, :, None].expand(bsz, heads, q_len)
-    q = torch.arange(q_len, device=dev)[None, None, :].expand(bsz, heads, q_len)
-    rank = q if valid is None else (torch.cumsum(valid.long(), -1) - 1)[:, None, :].expand(bsz, heads, q_len)
-    dst = (start + length)[:, :, None] + rank
+    """Triton version of :func:`adakv.kernels.reference.append_` (one launch, no host sync, when ``valid``
+    is None)."""
+    bsz, heads, q_len, dim = new_k.shape
+    if new_k.stride(-1) != 1 or new_v.stride(-1) != 1:
+        raise ValueError("adakv's Triton kernels need the head_dim axis contiguous (stride 1).")
+    rank = start  # unused pointer without padding
     if valid is not None:
-        sel = valid[:, None, :].expand(bsz, heads, q_len)
-        b, h, q, dst = b[sel], h[sel], q[sel], dst[sel]
-    copy_rows_(
-        k_buf,
-        v_buf,
-        dst.reshape(-1),
+        rank = torch.where(valid, torch.cumsum(valid.long(), -1) - 1, -1)
+    block_d = triton.next_power_of_2(dim)
+    block_q = max(1, min(triton.next_power_of_2(q_len), 4096 // block_d))
+    _append_kernel[(bsz * heads, triton.cdiv(q_len, block_q))](
         new_k,
         new_v,
-        _dense_offsets(new_k, b, h, q).reshape(-1),
-        _dense_offsets(new_v, b, h, q).reshape(-1),
+        *new_k.stride()[:3],
+        *new_v.stride()[:3],
+        k_buf,
+        v_buf,
+        start.contiguous(),
+        length.contiguous(),
+        rank,
+        heads,
+        q_len,
+        dim,
+        HAS_RANK=valid is not None,
+        BLOCK_Q=block_q,
+        BLOCK_D=block_d,
     )

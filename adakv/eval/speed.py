@@ -149,37 +149,46 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _factory(model: Any, method: str, budget: float, window: int) -> Callable[[], Any]:
+    if method == "full":
+        return lambda: full_cache(model)
+    return lambda: AdaKVCache(model, budget, method=method, window=window)
+
+
 def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict], list[dict]]:
-    """One row per (length, batch, method, budget), the full cache's row first, with ratios to it."""
+    """One row per (length, batch, method, budget), the full cache's row first, with ratios to it.
+
+    The configurations of a point are measured interleaved (repeat r of each, then repeat r + 1), so that
+    drift of clocks or machine load falls on all of them alike; a warm-up comes first."""
     configs = [("full", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
     points = [(n, b) for n in args.lengths for b in args.batches]
-    progress = Progress(len(points) * len(configs), "speed")
+    progress = Progress(len(points) * len(configs) * args.repeats, "speed")
+    on_gpu = model.device.type == "cuda"  # the allocator's peak costs nothing there: taken in every run
     rows: list[dict] = []
     for length, batch in points:
         ctx, _ = prose_split(tok, length, 1, args.seed)
         ids = ctx.to(model.device).expand(batch, -1).contiguous()
+        factories = [_factory(model, m, b, args.window) for m, b in configs]
+        for factory in factories:  # warm-up: kernels compiled, allocator and clocks up
+            measure(model, ids[:, : min(256, length)], factory, max(4, args.decode_steps // 2), False)
+        runs: list[list[dict]] = [[] for _ in configs]
+        for _ in range(args.repeats):
+            for (method, budget), factory, done in zip(configs, factories, runs):
+                done.append(measure(model, ids, factory, args.decode_steps, on_gpu))
+                progress.step(f"length={length} batch={batch} {method} {budget:g}")
+                if on_gpu:
+                    torch.cuda.empty_cache()
         reference: dict[str, Any] = {}
-        for method, budget in configs:
-            if method == "full":
-                factory = lambda: full_cache(model)
-            else:
-                factory = lambda: AdaKVCache(model, budget, method=method, window=args.window)
-            measure(model, ids[:, : min(64, length)], factory, 1)  # warm-up (kernels, allocator)
-            on_gpu = model.device.type == "cuda"  # the allocator's peak costs nothing: measure it in every run
-            runs = [measure(model, ids, factory, args.decode_steps, on_gpu) for _ in range(args.repeats)]
-            result = _median_of(runs)
+        for (method, budget), factory, done in zip(configs, factories, runs):
+            result = _median_of(done)
             if not on_gpu:  # a separate run, sampled
                 result["peak_bytes"] = measure(model, ids, factory, min(args.decode_steps, 4))["peak_bytes"]
-            if method == "full":
-                reference = result
+            reference = reference or result
             row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
             for key in ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms"):
                 ok = row[key] is not None and reference.get(key)
                 row[f"{key}_ratio"] = row[key] / reference[key] if ok else None
             row["compress_fraction"] = row["compress_s"] / row["prefill_s"] if row["prefill_s"] else None
             rows.append(row)
-            progress.step(f"length={length} batch={batch} {method} {budget:g}")
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
     progress.close()
     return rows, []
