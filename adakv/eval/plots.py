@@ -1,7 +1,8 @@
 """PNG figures of a run's results.json (matplotlib, an optional dependency: ``pip install matplotlib``).
 
 * quality: mean score vs budget, a line per method (the full cache dashed), one panel per mode;
-  and for runs with ``niah_single``, a needle heatmap: score by needle depth x context length per method;
+  and for runs with ``niah_single``, needle heatmaps (one per mode): score by needle depth x context length
+  per method and budget;
 * fidelity: greedy agreement and teacher-forced KL vs budget;
 * speed: KV bytes, peak memory and decode time per token vs context length.
 """
@@ -62,13 +63,11 @@ def _versus_budget(plt: Any, rows: list[dict], value: str, panel_key: str, title
     return path
 
 
-def _needle_heatmap(plt: Any, outputs: list[dict], path: Path) -> Path | None:
+def _needle_heatmap(plt: Any, outputs: list[dict], mode: str, path: Path) -> Path | None:
     """Score by needle depth (rows) x context length (columns), one panel per method and budget."""
-    needle = [o for o in outputs if o["task"] == "niah_single" and o.get("depth") is not None]
+    needle = [o for o in outputs if o["task"] == "niah_single" and o.get("depth") is not None and o["mode"] == mode]
     if not needle:
         return None
-    mode = "aware" if any(o["mode"] == "aware" for o in needle) else needle[0]["mode"]
-    needle = [o for o in needle if o["mode"] == mode]
     depths = sorted({round(o["depth"], 1) for o in needle})
     lengths = sorted({o["length"] for o in needle})
     panels = sorted({(o["method"], o["budget"]) for o in needle}, key=lambda p: (p[0] != "full", p))
@@ -144,7 +143,8 @@ def plot_results(directory: Path) -> list[Path]:
     out = Path(directory)
     if kind == "quality":
         made = [_versus_budget(plt, rows, "score", "mode", "task score vs budget", out / "score_vs_budget.png")]
-        made.append(_needle_heatmap(plt, results["outputs"], out / "needle_heatmap.png"))
+        for mode in ("aware", "agnostic"):
+            made.append(_needle_heatmap(plt, results["outputs"], mode, out / f"needle_heatmap_{mode}.png"))
     elif kind == "fidelity":
         made = [
             _versus_budget(plt, [r for r in rows if r["metric"] == m], "value", "mode", title, out / f"{m}.png")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..needle import KEYS
+from ..needle import prompt_layout as needle_prompt_layout
 from .haystack import HAYSTACKS, _haystack, _ntok, word_pool
 
 
@@ -48,19 +49,9 @@ class EncodedSample:
 
 
 def prompt_layout(tokenizer: Any, sample: Sample) -> tuple[str, int]:
-    """The full prompt string and the character index where the question part starts.
-
-    The user turn is instruction + context + blank line + question; the answer prefix
-    follows the generation prompt. Tokenizers without a chat template get the plain user text.
-    """
-    marker = "\x00QUESTION\x00"
-    user = f"{sample.instruction}{sample.context}{marker}\n\n{sample.question}"
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = f"{tokenizer.bos_token or ''}{user}\n"
-    return text.replace(marker, "") + sample.answer_prefix, text.index(marker)
+    """The full prompt string and the character index where the question part starts
+    (:func:`adakv.needle.prompt_layout` with the sample's instruction, context, question and answer prefix)."""
+    return needle_prompt_layout(tokenizer, sample.instruction, sample.context, sample.question, sample.answer_prefix)
 
 
 def encode_sample(tokenizer: Any, sample: Sample) -> EncodedSample:
