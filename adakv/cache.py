@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
@@ -179,6 +181,18 @@ class AdaKVCache(Cache):
                 "Create one AdaKVCache per model."
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> AdaKVCache:
+        """A copy with its own layers and policy state; the model's config objects stay shared (they are the
+        model's, and attention activation lives on them). The copied compressor points at the copied layers."""
+        for config in (self._config, self._text_config):
+            memo[id(config)] = config
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        new.compressor.set_layers([layer for layer in new.layers if isinstance(layer, AdaKVLayer)])
+        return new
 
     # -- introspection ------------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

@@ -225,6 +225,26 @@ def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
     assert not (out / "needle_heatmap_agnostic.png").exists()  # that mode did not run
 
 
+def test_speed_records_out_of_memory_and_goes_on(tiny_dir, tmp_path, monkeypatch):
+    from adakv.eval import speed
+
+    real = speed.measure
+
+    def measure(model, ids, factory, steps, memory=True):
+        if ids.shape[0] == 2 and steps == 2 and isinstance(factory(), AdaKVCache):  # not the warm-up
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, ids, factory, steps, memory)
+
+    monkeypatch.setattr(speed, "measure", measure)
+    out = tmp_path / "oom"
+    argv = ["speed", "--model", tiny_dir, "--methods", "snapkv", "--budgets", "0.3", "--lengths", "100"]
+    assert main([*argv, "--batches", "1", "2", "--repeats", "2", "--decode-steps", "2", "--out", str(out)]) == 0
+    rows = {(r["batch"], r["method"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows[2, "snapkv"]["error"] == "out of memory" and rows[2, "snapkv"]["decode_ms"] is None
+    assert rows[2, "full"]["error"] is None and rows[1, "snapkv"]["decode_ms"] > 0
+    assert "| 100 | 2 | snapkv (out of memory) | 0.3 |" in (out / "summary.md").read_text()
+
+
 def test_needle_depths(tok):
     first, last = make_samples("niah_single", tok, 2, 300, depths=[0.0, 1.0])
     assert first.context.startswith("The special magic number") and first.meta["depths"] == [0.0]

@@ -254,3 +254,25 @@ def test_dropped_cache_frees_its_memory_without_the_garbage_collector(method):
         assert cache_ref() is None and store_ref() is None
     finally:
         gc.enable()
+
+
+def test_deepcopy_empty_cross_layer_cache_and_filled_cache():
+    """A deep copy has its own layers (the cross-layer allocator follows them) and shares the model's config."""
+    import copy
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    original = AdaKVCache(model, budget=0.3, window=4, method="layer-defensivekv")
+    twin = copy.deepcopy(original)
+    assert twin._config is original._config and twin.compressor is not original.compressor
+    assert all(a is b for a, b in zip(twin.compressor.layers, twin.layers))
+    out_twin = generate(model, twin, ids, mask, do_sample=False)
+    assert original.layers[0].store is None  # filling the copy left the original empty
+    out_orig = generate(model, original, ids, mask, do_sample=False)
+    assert torch.equal(out_twin, out_orig)
+    again = copy.deepcopy(original)  # a filled cache: same continuation from both
+    more = torch.cat([out_orig, out_orig[:, -3:]], -1)
+    more_mask = torch.cat([mask, torch.ones_like(out_orig[:, mask.shape[1] :]), torch.ones_like(more[:, -3:])], -1)
+    a = generate(model, again, more, more_mask, do_sample=False)
+    b = generate(model, original, more, more_mask, do_sample=False)
+    assert torch.equal(a, b)

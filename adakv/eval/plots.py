@@ -68,7 +68,9 @@ def _needle_heatmap(plt: Any, outputs: list[dict], mode: str, path: Path) -> Pat
     needle = [o for o in outputs if o["task"] == "niah_single" and o.get("depth") is not None and o["mode"] == mode]
     if not needle:
         return None
-    depths = sorted({round(o["depth"], 1) for o in needle})
+    exact = len({o["depth"] for o in needle}) <= 11  # asked-for depths (--depths); random ones are binned
+    depth_of = (lambda o: o["depth"]) if exact else (lambda o: round(o["depth"], 1))
+    depths = sorted({depth_of(o) for o in needle})
     lengths = sorted({o["length"] for o in needle})
     panels = sorted({(o["method"], o["budget"]) for o in needle}, key=lambda p: (p[0] != "full", p))
     cols = min(4, len(panels))
@@ -85,13 +87,13 @@ def _needle_heatmap(plt: Any, outputs: list[dict], mode: str, path: Path) -> Pat
                 hits = [
                     o["score"]
                     for o in needle
-                    if (o["method"], o["budget"], o["length"]) == (method, budget, n) and round(o["depth"], 1) == d
+                    if (o["method"], o["budget"], o["length"]) == (method, budget, n) and depth_of(o) == d
                 ]
                 if hits:
                     grid[i][j] = _mean(hits)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(method if method == "full" else f"{method} @ {_budget_label(budget)}", fontsize=9)
         ax.set_xlabel("context tokens", fontsize=7)
         ax.set_ylabel("needle depth", fontsize=7)

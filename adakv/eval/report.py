@@ -60,9 +60,9 @@ def _speed_summary(rows: list[dict], meta: dict[str, Any]) -> str:
         cells = [
             str(r["length"]),
             str(r["batch"]),
-            r["method"],
+            r["method"] + (f" ({r['error']})" if r.get("error") else ""),
             f"{r['budget']:g}",
-            fmt(r["kv_bytes"] / mib, ".2f"),
+            fmt(None if r["kv_bytes"] is None else r["kv_bytes"] / mib, ".2f"),
             fmt(r["kv_bytes_ratio"], ".3f"),
             fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / mib, ".1f"),
             fmt(r["peak_bytes_ratio"], ".3f"),

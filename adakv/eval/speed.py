@@ -12,6 +12,7 @@ on the same prose prompt:
 * ``decode_ms``: median wall time of one greedy decoding step (batch-wide).
 
 Each figure also appears as a ratio to the full cache's (``*_ratio``). Timings are medians over ``repeats``.
+A configuration that runs out of device memory gets ``error: "out of memory"`` and empty figures.
 """
 
 from __future__ import annotations
@@ -140,7 +141,22 @@ def measure(
     }
 
 
+METRICS = ("kv_bytes", "peak_bytes", "prefill_s", "compress_s", "decode_ms")
+
+
+def _attempt(*args: Any) -> dict[str, Any] | None:
+    """:func:`measure`, or None if the device ran out of memory (recorded, and the suite goes on)."""
+    try:
+        return measure(*args)
+    except torch.OutOfMemoryError:
+        pass
+    torch.cuda.empty_cache()  # outside the except block: the traceback no longer holds the tensors
+    return None
+
+
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    if not runs or any(r is None for r in runs):
+        return {**dict.fromkeys(METRICS), "error": "out of memory"}
     out = {}
     for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]
@@ -174,21 +190,24 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
         runs: list[list[dict]] = [[] for _ in configs]
         for _ in range(args.repeats):
             for (method, budget), factory, done in zip(configs, factories, runs):
-                done.append(measure(model, ids, factory, args.decode_steps, on_gpu))
+                if None not in done:  # a configuration that ran out of memory is not tried again
+                    done.append(_attempt(model, ids, factory, args.decode_steps, on_gpu))
                 progress.step(f"length={length} batch={batch} {method} {budget:g}")
                 if on_gpu:
                     torch.cuda.empty_cache()
         reference: dict[str, Any] = {}
         for (method, budget), factory, done in zip(configs, factories, runs):
             result = _median_of(done)
-            if not on_gpu:  # a separate run, sampled
+            if not on_gpu and "error" not in result:  # a separate run, sampled
                 result["peak_bytes"] = measure(model, ids, factory, min(args.decode_steps, 4))["peak_bytes"]
-            reference = reference or result
+            if method == "full":
+                reference = result
             row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
             for key in ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms"):
                 ok = row[key] is not None and reference.get(key)
                 row[f"{key}_ratio"] = row[key] / reference[key] if ok else None
             row["compress_fraction"] = row["compress_s"] / row["prefill_s"] if row["prefill_s"] else None
+            row.setdefault("error", None)
             rows.append(row)
     progress.close()
     return rows, []
