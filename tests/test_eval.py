@@ -245,6 +245,24 @@ def test_speed_records_out_of_memory_and_goes_on(tiny_dir, tmp_path, monkeypatch
     assert "| 100 | 2 | snapkv (out of memory) | 0.3 |" in (out / "summary.md").read_text()
 
 
+def test_cli_takes_a_hub_id_from_the_local_hub_cache(tiny_dir, tmp_path, monkeypatch):
+    """A hub id already downloaded (here: a hand-made cache entry) works offline; nothing is fetched."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "abc123"
+    shutil.copytree(tiny_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    argv = ["speed", "--model", "someone/tiny-llama", "--methods", "snapkv", "--budgets", "0.3", "--lengths", "64"]
+    assert main([*argv, "--repeats", "1", "--decode-steps", "1", "--no-plots", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["model"]["spec"] == "someone/tiny-llama"
+    with pytest.raises(SystemExit):
+        main([*argv[:2], "someone/not-downloaded", *argv[3:], "--out", str(tmp_path / "x")])
+
+
 def test_needle_depths(tok):
     first, last = make_samples("niah_single", tok, 2, 300, depths=[0.0, 1.0])
     assert first.context.startswith("The special magic number") and first.meta["depths"] == [0.0]

@@ -62,11 +62,18 @@ def _budget(text: str) -> float | int:
 
 
 def _model_dir(spec: str) -> Path | None:
-    """The checkpoint directory (None: smollm2 not converted yet); fails on unknown names and missing paths."""
+    """The checkpoint directory (None: a registered model not converted yet): a local directory, or the snapshot of
+    a hub id already in the local Hugging Face cache; fails on unknown names and missing paths."""
     if spec in MODELS:
         path = default_cache_dir(spec)
         return path if (path / "config.json").is_file() else None
     path = Path(spec).expanduser()
+    if not path.exists() and spec.count("/") <= 1:  # maybe a hub id downloaded earlier (never fetched here)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         _fail(
@@ -138,7 +145,11 @@ def _samples(args: argparse.Namespace, tok: Any, max_pos: int | None, name: str,
 
 
 def _common(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("--model", default="smollm2", help=f"a name ({', '.join(MODELS)}) or a local checkpoint dir")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help=f"a name ({', '.join(MODELS)}), a local checkpoint dir, or a hub id already in the local HF cache",
+    )
     default_methods = ["ada-snapkv", "snapkv"] if kind != "speed" else ["ada-snapkv"]
     p.add_argument("--methods", nargs="+", default=default_methods, help=f"from: {', '.join(METHODS)}")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
