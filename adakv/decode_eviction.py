@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .compression import pack_kept
+from .kernels import reference
 from .storage import RaggedKV
 
 SLACK = 16  # tokens a segment may grow past its target between two cut-backs
@@ -45,18 +46,11 @@ class DecodeAccumulator:
         hidden: torch.Tensor | None,
     ) -> None:
         """Add the attention of queries ``q`` ``[B, H, G, Q, D]`` (already appended to ``store``)."""
-        keys, inside = store.padded(store.keys)  # [B, H, M, D], [B, H, M]
-        bsz, heads, group, q_len, _ = q.shape
-        logits = torch.einsum("bhgqd,bhmd->bhgqm", q.float(), keys.float()) * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        if hidden is None:
-            hidden = (q_len - 1 - torch.arange(q_len, device=q.device)).expand(bsz, q_len)
-        visible = store.length[:, :, None] - hidden[:, None, :]  # [B, H, Q]
-        offs = torch.arange(keys.shape[2], device=q.device)
-        seen = (offs[None, None, None, :] < visible[..., None]) & inside[:, :, None, :]  # [B, H, Q, M]
-        logits = logits.masked_fill(~seen[:, :, None], float("-inf"))
-        mass = torch.softmax(logits, -1).nan_to_num(0.0).sum(3).mean(2)  # [B, H, M]
+        probs = reference.ragged_attention_probs(
+            q, store.keys, store.start, store.length, scaling, softcap, hidden, store.max_length()
+        )
+        mass = probs.sum(3).mean(2)  # [B, H, M]
+        bsz, heads = mass.shape[:2]
         width = mass.shape[-1]
         if self.scores.shape[-1] < width:  # rows appended since the last step start at 0
             grown = self.scores.new_zeros(bsz, heads, width)

@@ -91,6 +91,36 @@ def append_(
         v_buf[dst[sel]] = new_v[sel]
 
 
+def ragged_attention_probs(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    hidden: torch.Tensor | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """The attention probabilities of :func:`ragged_attention`, fp32 ``[B, H, G, Q, M]`` over each segment's
+    first M = ``max_len`` rows (0 where a query sees nothing: past the segment's end, or hidden from it)."""
+    bsz, heads, group, q_len, dim = q.shape
+    if hidden is None:
+        hidden = (q_len - 1 - torch.arange(q_len, device=q.device)).expand(bsz, q_len)
+    visible = length[:, :, None] - hidden[:, None, :]  # [B, H, Q]
+    if max_len is None:
+        max_len = int(length.max()) if length.numel() else 0
+    offs = torch.arange(max_len, device=q.device)
+    idx = (start[:, :, None] + offs).clamp_(max=max(k_buf.shape[0] - 1, 0))  # [B, H, M]
+    inside = offs[None, None, :] < length[:, :, None]  # rows past a segment's end hold garbage (maybe NaN)
+    keys = k_buf[idx].float().masked_fill(~inside[..., None], 0.0)
+    logits = torch.einsum("bhgqd,bhmd->bhgqm", q.float(), keys) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    seen = offs[None, None, None, :] < visible[:, :, :, None]  # [B, H, Q, M]
+    logits = logits.masked_fill(~seen[:, :, None], float("-inf"))
+    return torch.softmax(logits, -1).nan_to_num(0.0)  # rows with nothing visible -> 0
+
+
 def ragged_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -111,24 +141,14 @@ def ragged_attention(
     token outputs zeros. Softmax runs in fp32; the result has q's dtype.
     ``max_len`` (the longest segment, if the caller knows it) saves a device sync.
     """
-    bsz, heads, group, q_len, dim = q.shape
-    if hidden is None:
-        hidden = (q_len - 1 - torch.arange(q_len, device=q.device)).expand(bsz, q_len)
-    visible = length[:, :, None] - hidden[:, None, :]  # [B, H, Q]
     if max_len is None:
         max_len = int(length.max()) if length.numel() else 0
     if max_len == 0:
         return torch.zeros_like(q)
+    probs = ragged_attention_probs(q, k_buf, start, length, scaling, softcap, hidden, max_len)
     offs = torch.arange(max_len, device=q.device)
-    idx = (start[:, :, None] + offs).clamp_(max=k_buf.shape[0] - 1)  # [B, H, M]
-    inside = offs[None, None, :] < length[:, :, None]  # rows past a segment's end hold garbage (maybe NaN)
-    keys = k_buf[idx].float().masked_fill(~inside[..., None], 0.0)
+    idx = (start[:, :, None] + offs).clamp_(max=v_buf.shape[0] - 1)
+    inside = offs[None, None, :] < length[:, :, None]
     values = v_buf[idx].float().masked_fill(~inside[..., None], 0.0)
-    logits = torch.einsum("bhgqd,bhmd->bhgqm", q.float(), keys) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    seen = offs[None, None, None, :] < visible[:, :, :, None]  # [B, H, Q, M]
-    logits = logits.masked_fill(~seen[:, :, None], float("-inf"))
-    probs = torch.softmax(logits, -1).nan_to_num(0.0)  # rows with nothing visible -> 0
     out = torch.einsum("bhgqm,bhmd->bhgqd", probs, values)
     return out.to(q.dtype)
