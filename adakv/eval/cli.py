@@ -108,7 +108,7 @@ def load_model(spec: str, dtype: str, device: str, random_weights: bool = False)
         except ImportError as exc:
             _fail(f"--model {spec}: {exc}")
         return model.to(device), tok
-    if spec in MODELS:
+    if spec in MODELS and _model_dir(spec) is None:
         load_registered(spec)  # converts once, so that its directory holds a config and a tokenizer
     path = _model_dir(spec)
     try:
