@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import reference
+from . import reference, torch_ragged
 from .reference import append_, compact_, copy_segments_, ragged_attention
 
 BACKENDS = ("torch", "triton", "flash")
@@ -38,6 +38,7 @@ def _triton_ops() -> SimpleNamespace:
 
 
 _REFERENCE = SimpleNamespace(name="torch", **{op: getattr(reference, op) for op in _OPS})
+_REFERENCE.ragged_attention = torch_ragged.ragged_attention  # the copy-free CPU version; reference.py stays the oracle
 
 
 def backend_name(device: torch.device) -> str:
