@@ -5,10 +5,13 @@ cache = AdaKVCache(model, budget=0.2)
 out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
 
-from .allocators import ALLOCATORS, AdaKV, Allocator, LayerAdaptive, PyramidKV, Uniform
+from .allocators import ALLOCATORS, AdaKV, Allocator, CrossLayerAllocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
 from .cache import AdaKVCache, kv_bytes
+from .decode import DECODE_POLICIES, DecodePolicy, H2ODecode, Rescore
 from .methods import METHODS
+from .policy import PrefillAttention
+from .prompt import prefill_in_chunks
 from .scorers import (
     H2O,
     SCORERS,
@@ -27,6 +30,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALLOCATORS",
+    "DECODE_POLICIES",
+    "CrossLayerAllocator",
+    "DecodePolicy",
+    "H2ODecode",
+    "PrefillAttention",
+    "Rescore",
+    "prefill_in_chunks",
     "H2O",
     "METHODS",
     "SCORERS",

@@ -2,17 +2,18 @@
 
 A model whose attention implementation is ``adakv_sdpa`` (or ``adakv_eager``)
 runs :func:`_adakv_attention` in every attention layer. When the keys it gets
-come from an :class:`~adakv.layer.AdaKVLayer` (a :class:`KVHandle`), it does the
-prefill compression or the ragged attention over the compacted cache; for any
-other keys (a DynamicCache, no cache, sliding-window layers) it calls the
-implementation the model had before, so other caches see no change.
+come from an :class:`~adakv.layer.AdaKVLayer` (a :class:`~adakv.layer.KVHandle`),
+it turns the attention mask into the new tokens' validity and hands everything
+to the layer, which attends, appends and evicts itself; for any other keys (a
+DynamicCache, no cache, sliding-window layers) it calls the implementation the
+model had before, so other caches see no change.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,36 +21,10 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .kernels import ops_for
-
-if TYPE_CHECKING:
-    from .layer import AdaKVLayer
+from .layer import KVHandle
 
 PREFIX = "adakv_"
 BASES = ("sdpa", "eager")
-
-
-class KVHandle:
-    """What ``AdaKVLayer.update`` returns in place of key/value tensors.
-
-    It carries the layer and the new tokens' K/V to adakv's attention function.
-    Anything else that touches it (a stock attention function) gets a clear error
-    instead of a shape error.
-    """
-
-    __slots__ = ("layer", "keys", "values")
-
-    def __init__(self, layer: AdaKVLayer, keys: torch.Tensor, values: torch.Tensor):
-        self.layer = layer
-        self.keys = keys
-        self.values = values
-
-    def __getattr__(self, name: str) -> Any:
-        raise ValueError(
-            "An AdaKVCache's keys reached an attention function that is not adakv's (it asked them for "
-            f"{name!r}): the cache was given to a model it was not created for, or whose attention implementation "
-            "was switched afterwards. Create the cache for the model that uses it: AdaKVCache(model, ...)."
-        )
 
 
 def original_attention(base: str, module: nn.Module) -> Callable:
@@ -68,45 +43,6 @@ def _validity(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
         return None
     row = mask[:, 0, -1, -n:]  # the last query sees every real key before it
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-
-
-def _prefill(base, module, query, handle, mask, scaling, kwargs):
-    keys, values = handle.keys, handle.values
-    softcap = kwargs.get("softcap")
-    dense = original_attention("eager" if softcap is not None else base, module)
-    out = dense(module, query, keys, values, mask, scaling=scaling, **kwargs)
-    bsz, _, seq, _ = keys.shape
-    valid = _validity(mask, seq)
-    if valid is None:
-        valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
-    elif bool((valid[:, 1:] < valid[:, :-1]).any()):
-        raise ValueError(
-            "AdaKVCache needs left padding, but the attention mask has a 0 after a real token. Set "
-            "tokenizer.padding_side = 'left'. If the prompt contains the pad token (e.g. a chat turn end), pass "
-            "attention_mask explicitly: generate() otherwise marks every pad-token id as padding."
-        )
-    handle.layer.compress(query, keys, values, valid, scaling, softcap, module)
-    return out
-
-
-def _append(module, query, handle, mask, scaling, kwargs):
-    store = handle.layer.store
-    bsz, h_q, q_len, dim = query.shape
-    h_kv = handle.keys.shape[1]
-    valid = _validity(mask, q_len) if q_len > 1 else None  # a decoded token is always real: no sync
-    if valid is not None and bool(valid.all()):
-        valid = None
-    store.append(handle.keys, handle.values, valid)
-    hidden = None
-    if valid is not None:
-        seen = torch.cumsum(valid.long(), -1)
-        hidden = seen[:, -1:] - seen  # valid new tokens after query i, invisible to it
-    q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
-    attend = ops_for(query).ragged_attention
-    softcap = kwargs.get("softcap")
-    out = attend(q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.max_length())
-    handle.layer.after_attention(q, scaling, softcap, hidden)
-    return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 def _adakv_attention(
@@ -129,10 +65,17 @@ def _adakv_attention(
     handle = key
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    q_len = query.shape[2]
+    valid = _validity(attention_mask, q_len) if q_len > 1 else None  # a decoded token is always real: no sync
+
+    def dense() -> torch.Tensor:  # the model's own attention over the new tokens alone (a first prompt chunk)
+        fn = original_attention("eager" if softcap is not None else base, module)
+        return fn(module, query, handle.keys, handle.values, attention_mask, scaling=scaling, **kwargs)[0]
+
     try:
-        if handle.layer.store is None:
-            return _prefill(base, module, query, handle, attention_mask, scaling, kwargs)
-        return _append(module, query, handle, attention_mask, scaling, kwargs)
+        out = handle.layer.attend(module, query, handle.keys, handle.values, valid, scaling, softcap, dense)
+        return out, None
     finally:
         handle.keys = handle.values = None  # the dense prefill K/V die with this call
 

@@ -8,12 +8,15 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
-from . import attention
+from . import attention, prompt
 from .allocators import Allocator, get_allocator
-from .compression import Compressor
+from .decode import DecodePolicy, get_decode_policy
+from .kernels import check_backend, default_backend
 from .layer import AdaKVLayer
 from .methods import get_method
+from .policy import CachePolicy, PrefillAttention, SharedState
 from .scorers import Scorer, get_scorer
+from .selection import Selection
 
 STOCK_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -94,7 +97,7 @@ class AdaKVCache(Cache):
     ``AdaKVCache(model, budget=0.2)`` activates adakv's attention function on the
     model (through ``AttentionInterface``; other caches keep behaving as before)
     and is passed to ``model.generate(..., past_key_values=cache)`` or the forward.
-    The first forward through a layer (the prompt) is compressed once: the scorer
+    The prompt is compressed as it goes through each full-attention layer: the scorer
     rates every token, the allocator picks the kept ones per KV head, and they are
     compacted into one flat buffer per layer; the dense prompt K/V are freed.
     Later tokens (decoding, or a question appended to a compressed context) are
@@ -111,9 +114,20 @@ class AdaKVCache(Cache):
             and their queries score the rest.
         method: a named preset instead of scorer/allocator (``adakv.METHODS``), e.g.
             ``"defensivekv"``, ``"ada-criticalkv"``, ``"pyramidkv"``, ``"streamingllm"``.
+        decode: what happens while decoding: None keeps every decoded token; ``"rescore"``
+            (:class:`~adakv.decode.Rescore`) or ``"h2o"`` (:class:`~adakv.decode.H2ODecode`), or an
+            instance, keep the cache within its budget however long the generation.
+        backend: ``"torch"`` or ``"triton"`` (None: ``$ADAKV_BACKEND`` if set, else Triton on CUDA
+            and torch elsewhere), fixed when the cache is built.
+        prefill_attention: a :class:`~adakv.policy.PrefillAttention` (e.g. CritiPrefill) computing
+            the first prompt chunk's attention instead of the model's dense attention.
 
-    Sliding-window layers (Gemma2/3, Mistral with a window) keep transformers' own
-    dynamic layer. Padding must be on the left.
+    A prompt may come in chunks: inside ``with cache.compressing():`` or
+    ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after
+    each one every head is cut back to its allocation of all the tokens seen so far
+    (``adakv.prefill_in_chunks`` feeds a document that way). Otherwise only the first
+    forward is compressed. Sliding-window layers (Gemma2/3, Mistral with a window) keep
+    transformers' own dynamic layer. Padding must be on the left.
     """
 
     def __init__(
@@ -124,6 +138,9 @@ class AdaKVCache(Cache):
         allocator: str | Allocator | None = None,
         window: int = 32,
         method: str | None = None,
+        decode: str | DecodePolicy | None = None,
+        backend: str | None = None,
+        prefill_attention: PrefillAttention | None = None,
     ):
         if method is not None:
             if scorer is not None or allocator is not None:
@@ -132,13 +149,17 @@ class AdaKVCache(Cache):
         else:
             scorer_obj = get_scorer("snapkv" if scorer is None else scorer)
             allocator_obj = get_allocator("adakv" if allocator is None else allocator)
-        if getattr(scorer_obj, "accumulate_decode", False) and getattr(allocator_obj, "cross_layer", False):
-            raise ValueError(
-                f"{scorer_obj!r} evicts during decoding, per layer; the cross-layer allocator {allocator_obj!r} "
-                "re-splits the budget across layers at prefill only. Use a per-layer allocator (uniform, adakv, "
-                "pyramidkv) with accumulate_decode=True."
+        selection = Selection(budget, scorer_obj, allocator_obj, window)
+        decode_obj = get_decode_policy(decode)
+        if decode_obj is not None:
+            decode_obj.check(selection)
+        if prefill_attention is not None and not isinstance(prefill_attention, PrefillAttention):
+            raise TypeError(
+                f"prefill_attention must be a PrefillAttention (e.g. adakv.CritiPrefill()), got "
+                f"{type(prefill_attention).__name__}."
             )
-        compressor = Compressor(budget, scorer_obj, allocator_obj, window)
+        backend = check_backend(backend) if backend is not None else default_backend()
+        policy = CachePolicy(selection, decode_obj, backend, prefill_attention)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
         text_config = config.get_text_config(decoder=True)
@@ -156,22 +177,44 @@ class AdaKVCache(Cache):
             )
         name = attention.implementation_for(config)
 
-        self.compressor = compressor
+        self.policy = policy
+        self.shared = SharedState(policy)
         self._config = config
         self._text_config = text_config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         check = UpdateCheck(text_config, (kv_heads, head_dim))
-        layers = [
-            AdaKVLayer(compressor, check) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
-            for kind, kw in zip(layer_types, layer_kwargs)
-        ]
-        compressed = [layer for layer in layers if isinstance(layer, AdaKVLayer)]
-        for rank, layer in enumerate(compressed):
-            layer.rank, layer.num_compressed = rank, len(compressed)
-        compressor.set_layers(compressed)
+        n_full = layer_types.count("full_attention")
+        layers, rank = [], 0
+        for kind, kw in zip(layer_types, layer_kwargs):
+            if kind == "full_attention":
+                layers.append(AdaKVLayer(policy, self.shared, check, rank, n_full))
+                rank += 1
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
+        self._link_cascade(layers)
         super().__init__(layers=layers)
         attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
+
+    def _link_cascade(self, layers: list) -> None:
+        if self.shared.cascade is not None:
+            self.shared.cascade.set_layers([layer for layer in layers if isinstance(layer, AdaKVLayer)])
+
+    @property
+    def selection(self) -> Selection:
+        """The cache's selection policy (budget, scorer, allocator, window)."""
+        return self.policy.selection
+
+    def compressing(self):
+        """A context manager: every forward inside it is a prompt chunk, compressed against the budget of all
+        the tokens seen so far (by default only the first forward is). For feeding a long document in chunks::
+
+            with cache.compressing():
+                for chunk in chunks:
+                    model(chunk, past_key_values=cache)
+
+        (``adakv.prefill_in_chunks`` does this with the right masks and positions.)"""
+        return prompt.compressing(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):
@@ -184,14 +227,14 @@ class AdaKVCache(Cache):
 
     def __deepcopy__(self, memo: dict) -> AdaKVCache:
         """A copy with its own layers and policy state; the model's config objects stay shared (they are the
-        model's, and attention activation lives on them). The copied compressor points at the copied layers."""
+        model's, and attention activation lives on them). The copied cascade points at the copied layers."""
         for config in (self._config, self._text_config):
             memo[id(config)] = config
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for name, value in self.__dict__.items():
             setattr(new, name, copy.deepcopy(value, memo))
-        new.compressor.set_layers([layer for layer in new.layers if isinstance(layer, AdaKVLayer)])
+        new._link_cascade(new.layers)
         return new
 
     # -- introspection ------------------------------------------------------------------------------------------------
@@ -230,4 +273,5 @@ class AdaKVCache(Cache):
         return "\n".join(rows)
 
     def __repr__(self) -> str:
-        return f"AdaKVCache({self.compressor!r}, layers={len(self.layers)})"
+        decode = "" if self.policy.decode is None else f", decode={self.policy.decode!r}"
+        return f"AdaKVCache({self.policy.selection!r}{decode}, layers={len(self.layers)})"

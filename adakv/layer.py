@@ -1,27 +1,59 @@
-"""One full-attention layer of an AdaKVCache."""
+"""One full-attention layer of an AdaKVCache: it owns its storage and its whole life."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
-from .attention import KVHandle
-from .compression import Compressor, pack_kept
-from .decode_eviction import DecodeAccumulator
+from .kernels import backend
 from .scorers import ScoreInputs
+from .selection import Choice, pack_kept
 from .storage import RaggedKV
+
+if TYPE_CHECKING:
+    from .policy import CachePolicy, SharedState
+
+
+class KVHandle:
+    """What ``AdaKVLayer.update`` returns in place of key/value tensors.
+
+    It carries the layer and the new tokens' K/V to adakv's attention function, which hands them back to
+    :meth:`AdaKVLayer.attend` with the queries and the padding. Anything else that touches it (a stock
+    attention function) gets a clear error instead of a shape error.
+    """
+
+    __slots__ = ("layer", "keys", "values")
+
+    def __init__(self, layer: AdaKVLayer, keys: torch.Tensor, values: torch.Tensor):
+        self.layer = layer
+        self.keys = keys
+        self.values = values
+
+    def __getattr__(self, name: str):
+        raise ValueError(
+            "An AdaKVCache's keys reached an attention function that is not adakv's (it asked them for "
+            f"{name!r}): the cache was given to a model it was not created for, or whose attention implementation "
+            "was switched afterwards. Create the cache for the model that uses it: AdaKVCache(model, ...)."
+        )
 
 
 class AdaKVLayer(CacheLayerMixin):
-    """Compressed K/V of one layer: dense only during its prefill, then a :class:`RaggedKV`.
+    """Compressed K/V of one layer, and every phase of its life.
 
-    ``update`` does not store anything itself: it hands the new K/V to adakv's
-    attention function in a :class:`KVHandle`, which compresses the prompt (first
-    call) or appends the new tokens (later calls), as it alone sees the queries
-    and the padding mask. ``get_seq_length`` is the logical number of tokens seen,
-    evicted ones included, so positions stay right.
+    - a **prompt chunk** (the first forward; later ones inside ``cache.compressing()`` or
+      ``generate(prefill_chunk_size=...)``): attend, score the held tokens plus the chunk with the
+      cache's selection, keep each (sequence, KV head)'s allocation of the tokens seen so far, compact;
+    - **appending** (decoded tokens, an appended question): write in place into the segments' slack,
+      then ragged attention over the segments;
+    - **evicting while decoding**: the cache's decode policy may cut segments back (:mod:`adakv.decode`).
+
+    ``update`` stores nothing: it returns a :class:`KVHandle`, because only the attention call sees the
+    queries and the padding. ``get_seq_length`` is the logical number of tokens seen (padding and evicted
+    ones included), so positions stay right. Policies come from the cache's :class:`~adakv.policy.CachePolicy`.
     """
 
     # No `_layer_type`: setting one would register this class for every DynamicCache.
@@ -29,18 +61,38 @@ class AdaKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, compressor: Compressor, check: Callable[[AdaKVLayer, torch.Tensor], None]):
+    def __init__(
+        self,
+        policy: CachePolicy,
+        shared: SharedState,
+        check: Callable[[AdaKVLayer, torch.Tensor], None],
+        rank: int,
+        num_compressed: int,
+    ):
         super().__init__()
-        self.compressor = compressor
+        self.policy = policy
+        self.shared = shared
         self._check = check
-        self.store: RaggedKV | None = None
-        self.seen = 0
-        self.rank, self.num_compressed = 0, 1  # index among the cache's compressed layers (set by the cache)
-        self.kept_scores: torch.Tensor | None = None  # [B, H, M] scores of held tokens (cross-layer allocation only)
-        self.decode: DecodeAccumulator | None = None  # eviction during decoding (H2O(accumulate_decode=True))
+        self.rank, self.num_compressed = rank, num_compressed  # index among the cache's compressed layers
+        self._clear()
 
+    def _clear(self) -> None:
+        self.store: RaggedKV | None = None
+        self.ops = None  # the backend's ops, resolved once from the first tensor's device
+        self.seen = 0
+        self.n_real: torch.Tensor | None = None  # [B] host int64: real tokens each sequence has seen
+        # Positions of held rows, kept lazily: rows < pos_count[b, h] are in pos_rows; later rows were appended
+        # after the last compaction, in order, so their positions count on from pos_next[b].
+        self.pos_rows: torch.Tensor | None = None
+        self.pos_count: torch.Tensor | None = None
+        self.pos_next: torch.Tensor | None = None
+        self.decode_state = None
+        self.cascade_scores: torch.Tensor | None = None  # [B, H, rows] scores of held rows (cross-layer only)
+
+    # -- the transformers cache-layer interface ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.ops = backend(self.policy.backend, key_states.device)
         self.is_initialized = True
 
     def update(
@@ -63,51 +115,173 @@ class AdaKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store = None
-        self.kept_scores = None
-        self.decode = None
-        self.seen = 0
+        self._clear()
         self.is_initialized = False
 
-    def compress(
+    # -- attending ------------------------------------------------------------------------------------------------
+    def attend(
         self,
+        module: nn.Module,
         query: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         scaling: float,
         softcap: float | None,
-        module: torch.nn.Module,
-    ) -> None:
-        """Select this layer's kept tokens from its dense prefill and compact them (once per prompt)."""
-        inputs = ScoreInputs(
-            query, keys, values, valid, self.compressor.window, scaling, softcap, module, self.rank, self.num_compressed
-        )
-        if not getattr(self.compressor.scorer, "accumulate_decode", False):
-            self.store = RaggedKV.from_dense(keys, values, self.compressor.select(inputs))
-            return
-        keep, scores = self.compressor.select(inputs, with_scores=True)
-        self.store = RaggedKV.from_dense(keys, values, keep)
-        target = self.store.lengths()
-        if isinstance(self.compressor.budget, int):  # short prompts may grow up to the budget
-            target = target.clamp(min=self.compressor.budget)
-        self.decode = DecodeAccumulator(pack_kept(scores, keep, fill=0.0), target, self.compressor.window)
+        dense: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention output ``[B, Q, H_q, D]`` of ``query`` ``[B, H_q, Q, D]`` whose new tokens' K/V are ``keys``/
+        ``values`` ``[B, H_kv, Q, D]``; ``valid`` bool ``[B, Q]`` (None: all real); ``dense()`` is the model's
+        own attention over the new tokens alone (used for a first prompt chunk)."""
+        if self.rank == 0:
+            self.shared.phase.begin_forward(query.shape[2], self.store is None, self.policy.selection.window)
+        if self.store is None:
+            return self._first_chunk(module, query, keys, values, valid, scaling, softcap, dense)
+        if self.shared.phase.compressing:
+            return self._next_chunk(module, query, keys, values, valid, scaling, softcap)
+        return self._append(module, query, keys, values, valid, scaling, softcap)
 
-    def after_attention(
-        self, q: torch.Tensor, scaling: float, softcap: float | None, hidden: torch.Tensor | None
-    ) -> None:
-        """Decoding-time eviction: accumulate the new queries' attention, cut back if a head outgrew its target."""
-        if self.decode is not None:
-            self.decode.observe(q, self.store, scaling, softcap, hidden)
-            self.decode.cut_back(self.store)
+    def _first_chunk(self, module, query, keys, values, valid, scaling, softcap, dense) -> torch.Tensor:
+        bsz, _, seq, _ = keys.shape
+        if valid is None:
+            valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
+        _check_left_padding(valid, None)
+        prefill = self.policy.prefill_attention
+        out = dense() if prefill is None else prefill.attention(module, query, keys, values, valid, scaling, softcap)
+        self.compress_dense(query, keys, values, valid, scaling, softcap, module)
+        return out
+
+    def compress_dense(self, query, keys, values, valid, scaling, softcap, module) -> None:
+        """Select and compact this layer's first prompt chunk from its dense K/V ``[B, H, L, D]``."""
+        if self.ops is None:
+            self.lazy_initialization(keys, values)
+        self.n_real = valid.sum(-1).to("cpu", torch.int64)
+        heads = keys.shape[1]
+        positions = (torch.cumsum(valid.long(), -1) - 1).masked_fill(~valid, -1)[:, None].expand(-1, heads, -1)
+        valid_heads = valid[:, None].expand(-1, heads, -1)
+        inputs = self._inputs(query, keys, values, valid_heads, positions, scaling, softcap, module)
+        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
+        self.store = RaggedKV.from_dense(keys, values, choice.keep, ops=self.ops)
+        self._compacted(inputs, choice)
+
+    def _next_chunk(self, module, query, keys, values, valid, scaling, softcap) -> torch.Tensor:
+        """A later prompt chunk: attend over what is held plus the chunk, then cut every segment back to its
+        allocation of all the tokens seen so far."""
+        if valid is not None:
+            _check_left_padding(valid, self.n_real)
+        out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
+        store = self.store
+        k_view, inside = store.view(store.keys)
+        v_view, _ = store.view(store.values)
+        inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), scaling, softcap, module)
+        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
+        store.replace(k_view, v_view, choice.keep)
+        self._compacted(inputs, choice)
+        return out
+
+    def _append(self, module, query, keys, values, valid, scaling, softcap, observe: bool = True) -> torch.Tensor:
+        store = self.store
+        bsz, h_q, q_len, dim = query.shape
+        h_kv = keys.shape[1]
+        if valid is not None and bool(valid.all()):
+            valid = None
+        store.append(keys, values, valid)
+        self.n_real += q_len if valid is None else valid.sum(-1).to("cpu", torch.int64)
+        hidden = None
+        if valid is not None:
+            count = torch.cumsum(valid.long(), -1)
+            hidden = count[:, -1:] - count  # valid new tokens after query i, invisible to it
+        q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
+        out = self.ops.ragged_attention(
+            q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.max_length()
+        )
+        if observe and self.decode_state is not None:
+            self.decode_state.after_append(self, module, q, scaling, softcap, hidden)
+        return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
+
+    # -- evicting -------------------------------------------------------------------------------------------------
+    def _inputs(self, query, keys, values, valid, positions, scaling, softcap, module) -> ScoreInputs:
+        window = self.policy.selection.window
+        return ScoreInputs(
+            query, keys, values, valid, window, scaling, softcap, module, self.rank, self.num_compressed, positions
+        )
+
+    def _compacted(self, inputs: ScoreInputs, choice: Choice) -> None:
+        """Bookkeeping after the storage was rebuilt from ``inputs``' candidates with ``choice.keep``."""
+        keep = choice.keep
+        self.pos_rows = pack_kept(inputs.positions, keep, fill=-1)
+        self.pos_count = keep.sum(-1).to("cpu", torch.int64)
+        self.pos_next = self.n_real.clone()
+        if self.shared.cascade is not None:
+            self.cascade_scores = pack_kept(choice.ranked, keep) if choice.ranked is not None else None
+        if self.policy.decode is not None:
+            self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
+
+    def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
+        """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every
+        segment back to its allocation of the tokens seen so far (decode-time re-selection)."""
+        store = self.store
+        k_view, inside = store.view(store.keys)
+        v_view, _ = store.view(store.values)
+        q_len = min(queries.shape[2], k_view.shape[2])
+        positions = self._positions(view=True)
+        inputs = self._inputs(queries[:, :, -q_len:], k_view, v_view, inside, positions, scaling, softcap, module)
+        choice = self.policy.selection.select(inputs, self.n_real, None)
+        if bool((choice.keep == inside).all()):
+            return
+        store.replace(k_view, v_view, choice.keep)
+        self._compacted(inputs, choice)
+
+    def evict_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows where ``keep`` ``[B, H, M]`` (row order, over each segment's rows) is True."""
+        positions = self._positions(view=False)
+        keep = keep[..., : positions.shape[-1]] & (positions >= 0)
+        self.store.retain(keep)
+        self.pos_rows = pack_kept(positions, keep, fill=-1)
+        self.pos_count = keep.sum(-1).to("cpu", torch.int64)
+        self.pos_next = self.n_real.clone()
+        if self.cascade_scores is not None:
+            self.cascade_scores = pack_kept(self.cascade_scores[..., : keep.shape[-1]], keep)
+
+    def cascade_mark(self, keep: torch.Tensor, settle: bool, factor: int) -> None:
+        """The cascade took tokens from this layer: mark them; re-lay out when due (see :mod:`adakv.cascade`)."""
+        self.cascade_scores = self.cascade_scores.masked_fill(~keep, float("-inf"))
+        held = self.cascade_scores > float("-inf")
+        if settle or self.store.length.sum() > factor * held.sum():
+            self.evict_rows(held)
+
+    def _positions(self, view: bool) -> torch.Tensor:
+        """Positions of the held tokens ``[B, H, M]`` (-1 past a segment's end): in row order, or right-aligned
+        like :meth:`RaggedKV.view`."""
+        store = self.store
+        width = store.max_length()
+        device = store.start.device
+        offs = torch.arange(width, device=device)
+        count = self.pos_count.to(device)[..., None]
+        known = self.pos_rows[..., :width]
+        if known.shape[-1] < width:
+            known = torch.nn.functional.pad(known, (0, width - known.shape[-1]), value=-1)
+        later = self.pos_next.to(device)[:, None, None] + offs - count
+        length = store.length[..., None]
+        rows = torch.where(offs < count, known, later).masked_fill(offs >= length, -1)
+        if not view:
+            return rows
+        pad = width - length
+        return rows.gather(-1, (offs - pad).clamp(min=0)).masked_fill(offs < pad, -1)
 
     # -- batch manipulation (beam search, contrastive search, num_return_sequences) --------------------------------
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.store is not None:
-            index = torch.as_tensor(indices, dtype=torch.long)
-            self.store.select_batch(index)
-            if self.decode is not None:
-                self.decode.select_batch(index)
+        if self.store is None:
+            return
+        index = torch.as_tensor(indices, dtype=torch.long)
+        host = index.to("cpu")
+        self.store.select_batch(index)
+        self.n_real, self.pos_count, self.pos_next = self.n_real[host], self.pos_count[host], self.pos_next[host]
+        self.pos_rows = self.pos_rows[index.to(self.pos_rows.device)]
+        if self.cascade_scores is not None:
+            self.cascade_scores = self.cascade_scores[index.to(self.cascade_scores.device)]
+        if self.decode_state is not None:
+            self.decode_state.select_batch(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -130,3 +304,16 @@ class AdaKVLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return 0 if self.store is None else self.store.nbytes()
+
+
+def _check_left_padding(valid: torch.Tensor, n_real: torch.Tensor | None) -> None:
+    """Padding must come first: no 0 after a real token, in this chunk or after earlier real tokens."""
+    bad = bool((valid[:, 1:] < valid[:, :-1]).any())
+    if not bad and n_real is not None:
+        bad = bool(((n_real.to(valid.device) > 0) & ~valid.all(-1)).any())
+    if bad:
+        raise ValueError(
+            "AdaKVCache needs left padding, but the attention mask has a 0 after a real token. Set "
+            "tokenizer.padding_side = 'left'. If the prompt contains the pad token (e.g. a chat turn end), pass "
+            "attention_mask explicitly: generate() otherwise marks every pad-token id as padding."
+        )

@@ -4,7 +4,7 @@ The prefill forward does not depend on the eviction method (every layer's
 prefill attention is dense; only what is *kept* differs), so a benchmark can
 run it once, record each layer's queries/keys/values, and build the cache of
 every method from the record with the same code the live path uses
-(:meth:`AdaKVLayer.compress`). Decoding then runs through the model as usual.
+(:meth:`AdaKVLayer.compress_dense`). Decoding then runs through the model as usual.
 """
 
 from __future__ import annotations
@@ -62,5 +62,5 @@ def replay(model, record: PrefillRecord, budget: float | int, **cache_kwargs) ->
         rec = record.inputs[idx]
         layer.lazy_initialization(rec.keys, rec.values)
         layer.seen = record.length
-        layer.compress(rec.queries, rec.keys, rec.values, rec.valid, rec.scaling, rec.softcap, rec.module)
+        layer.compress_dense(rec.queries, rec.keys, rec.values, rec.valid[:, 0], rec.scaling, rec.softcap, rec.module)
     return cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from .kernels import ops_for
@@ -18,10 +20,19 @@ class RaggedKV:
 
     ``keys``/``values``: ``[capacity, head_dim]``; ``start``, ``length``, ``capacity``:
     int64 ``[batch, kv_heads]`` on the buffers' device. Host copies of the metadata
-    are kept so that appends decide on growth without a device sync.
+    are kept so that appends decide on growth without a device sync. ``ops`` is the
+    backend (``adakv.kernels.backend``) its layer chose once; every op on the buffers goes through it.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, capacity: torch.Tensor):
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        length: torch.Tensor,
+        capacity: torch.Tensor,
+        ops: SimpleNamespace | None = None,
+    ):
+        self.ops = ops if ops is not None else ops_for(keys)
         self.keys = keys
         self.values = values
         self._length_host = length.to("cpu", torch.int64)
@@ -40,14 +51,19 @@ class RaggedKV:
 
     @classmethod
     def from_dense(
-        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, slack: int = MIN_SLACK
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        slack: int = MIN_SLACK,
+        ops: SimpleNamespace | None = None,
     ) -> RaggedKV:
         """Compact the tokens selected by ``keep`` ``[B, H, L]`` out of dense ``[B, H, L, D]`` tensors."""
         length = keep.sum(-1).to("cpu", torch.int64)
         capacity = length + slack
         total = int(capacity.sum())
-        store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity)
-        ops_for(keys).compact_(store.keys, store.values, keys, values, keep, store.start)
+        store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity, ops)
+        store.ops.compact_(store.keys, store.values, keys, values, keep, store.start)
         return store
 
     # -- queries ------------------------------------------------------------------
@@ -82,17 +98,15 @@ class RaggedKV:
             src_start = src_start[source_index.to(src_start.device)]
             length = length[idx_host]
         total = int(capacity.sum())
-        new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity)
-        ops_for(self.keys).copy_segments_(
-            new.keys, new.values, self.keys, self.values, src_start, new.start, new.length
-        )
+        new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity, self.ops)
+        self.ops.copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
         self.__dict__.update(new.__dict__)
 
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment."""
         q_len = new_k.shape[2]
         if valid is None and q_len <= self._min_free:  # decoding: room everywhere, no tensor op on the host
-            ops_for(self.keys).append_(self.keys, self.values, new_k, new_v, self.start, self.length)
+            self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length)
             self._length_host += q_len
             self._min_free -= q_len
             self.length += q_len  # a scalar: no host-to-device copy (that would sync) per decoded token
@@ -105,24 +119,41 @@ class RaggedKV:
         if bool((needed > self._cap_host).any()):
             slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=MIN_SLACK)
             self._relayout(needed + slack)
-        ops_for(self.keys).append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
+        self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
         self._length_host += added
         self._min_free = self._free()
         self.length += q_len if valid is None else added.to(self.length.device)
 
-    def padded(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments (M = longest) and its in-segment mask."""
-        max_len = int(self._length_host.max()) if self._length_host.numel() else 0
+    def view(self, buffer: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments, right-aligned (a segment's last token in
+        column M - 1, shorter segments padded at the front), and its in-segment mask ``[B, H, M]``.
+
+        Right alignment puts the most recent tokens of every head in the same columns, which is what scorers
+        expect (their observation window is the last columns). M = ``width`` or the longest segment.
+        """
+        max_len = self.max_length() if width is None else width
         offs = torch.arange(max_len, device=self.start.device)
-        inside = offs < self.length[..., None]
-        idx = (self.start[..., None] + offs).clamp_(max=max(buffer.shape[0] - 1, 0))
+        pad = max_len - self.length[..., None]  # [B, H, 1]
+        inside = offs >= pad
+        idx = (self.start[..., None] + offs - pad).clamp_(min=0, max=max(buffer.shape[0] - 1, 0))
         return buffer[idx], inside
 
     def retain(self, keep: torch.Tensor) -> None:
-        """Keep only the tokens where ``keep`` ``[B, H, M]`` (over each segment's current tokens) is True."""
-        keys, inside = self.padded(self.keys)
-        values, _ = self.padded(self.values)
-        new = RaggedKV.from_dense(keys, values, keep[..., : inside.shape[-1]] & inside)
+        """Keep only the tokens where ``keep`` ``[B, H, M]`` (over each segment's rows, in row order) is True."""
+        width = max(self.max_length(), 1)
+        keep = keep[..., :width]
+        if keep.shape[-1] < width:
+            keep = torch.nn.functional.pad(keep, (0, width - keep.shape[-1]))
+        pad = width - self.length.to(keep.device)[..., None]
+        offs = torch.arange(width, device=keep.device)
+        right = keep.gather(-1, (offs - pad).clamp(min=0)) & (offs >= pad)  # the same mask, right-aligned
+        keys, inside = self.view(self.keys, width)
+        values, _ = self.view(self.values, width)
+        self.replace(keys, values, right & inside)
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+        """Re-lay out the storage with the tokens ``keep`` selects from a dense ``[B, H, M, D]`` view."""
+        new = RaggedKV.from_dense(keys, values, keep, ops=self.ops)
         self.__dict__.update(new.__dict__)
 
     def select_batch(self, index: torch.Tensor) -> None:

@@ -41,32 +41,68 @@ _REFERENCE = SimpleNamespace(name="torch", **{op: getattr(reference, op) for op 
 _REFERENCE.ragged_attention = torch_ragged.ragged_attention  # the copy-free CPU version; reference.py stays the oracle
 
 
-def backend_name(device: torch.device) -> str:
-    """``$ADAKV_BACKEND`` if set, else Triton on CUDA and the torch reference elsewhere."""
+def default_backend() -> str | None:
+    """``$ADAKV_BACKEND`` (validated), or None for the device default. Read once, when a cache is built."""
     forced = os.environ.get("ADAKV_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"ADAKV_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}.")
-        return forced
+    if not forced:
+        return None
+    if forced not in BACKENDS:
+        raise ValueError(f"ADAKV_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}.")
+    return forced
+
+
+def check_backend(name: str | None) -> str | None:
+    """Validate a backend name given to a cache (None: the device's default)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None (the device default), got {name!r}.")
+    return name.lower()
+
+
+def backend_name(device: torch.device, name: str | None = None) -> str:
+    """``name`` if given, else Triton on CUDA and the torch reference elsewhere."""
+    if name is not None:
+        return name
     return "triton" if device.type == "cuda" else "torch"
 
 
-def ops_for(tensor: torch.Tensor) -> SimpleNamespace:
-    """The implementation of adakv's ops for tensors on ``tensor``'s device."""
-    name = backend_name(tensor.device)
+def backend(name: str | None, device: torch.device) -> SimpleNamespace:
+    """The implementation of adakv's ops called ``name`` (None: the device default) for tensors on ``device``.
+
+    Resolved once per cache layer (when it first sees a tensor), then kept with its storage.
+    """
+    name = backend_name(device, check_backend(name))
     if name == "torch":
         return _REFERENCE
     if name == "triton":
-        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                "ADAKV_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                "The triton backend needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
                 "(slow; for testing)."
             )
         return _triton_ops()
     raise ValueError(
-        "ADAKV_BACKEND=flash: decoding through flash-attn is not available in this version of adakv; "
-        "use ADAKV_BACKEND=triton (CUDA) or torch."
+        "backend 'flash': decoding through flash-attn is not available in this version of adakv; "
+        "use backend='triton' (CUDA) or 'torch'."
     )
 
 
-__all__ = ["BACKENDS", "append_", "backend_name", "compact_", "copy_segments_", "ops_for", "ragged_attention"]
+def ops_for(tensor: torch.Tensor) -> SimpleNamespace:
+    """The ops ``$ADAKV_BACKEND`` (or the device default) gives for ``tensor``'s device: for scripts and tests;
+    caches resolve their backend once, with :func:`backend`."""
+    return backend(default_backend(), tensor.device)
+
+
+__all__ = [
+    "BACKENDS",
+    "append_",
+    "backend",
+    "backend_name",
+    "check_backend",
+    "compact_",
+    "copy_segments_",
+    "default_backend",
+    "ops_for",
+    "ragged_attention",
+]

@@ -7,8 +7,9 @@ import torch
 from tiny_models import padded_batch, tiny_model
 from transformers import DynamicCache
 
-from adakv import H2O, AdaKVCache
-from adakv.decode_eviction import SLACK
+from adakv import H2O, AdaKVCache, H2ODecode
+
+SLACK = H2ODecode().slack
 
 
 def test_decode_eviction_matches_a_dense_simulation_of_h2o():
@@ -20,7 +21,7 @@ def test_decode_eviction_matches_a_dense_simulation_of_h2o():
     ref.set_attn_implementation("eager")
     budget, window, prompt_len = 12, 4, 40
     ids = torch.randint(3, 256, (1, prompt_len), generator=torch.Generator().manual_seed(3)).to(ours.device)
-    cache = AdaKVCache(ours, budget, scorer=H2O(accumulate_decode=True), allocator="uniform", window=window)
+    cache = AdaKVCache(ours, budget, scorer="h2o", decode="h2o", allocator="uniform", window=window)
     dense = DynamicCache(config=ref.config)
 
     def cut_back(held: list[int], scores: dict[int, float]) -> list[int]:
@@ -53,7 +54,7 @@ def test_decode_eviction_matches_a_dense_simulation_of_h2o():
             layer = cache.layers[0]
             assert cache.kept_lengths(0).tolist() == [[len(held)]]
             torch.testing.assert_close(
-                layer.decode.scores[0, 0, : len(held)].cpu(),
+                layer.decode_state.scores[0, 0, : len(held)].cpu(),
                 torch.tensor([scores[p] for p in held]),
                 rtol=1e-4,
                 atol=1e-6,
@@ -66,14 +67,13 @@ def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
     model = tiny_model("qwen2", num_key_value_heads=2, num_attention_heads=4)
     ids, mask = padded_batch(seq_len=80, pad=11)
     new = 50
-    scorer = H2O(accumulate_decode=True)
-    cache = AdaKVCache(model, 0.25, scorer=scorer, allocator="adakv", window=4)
+    cache = AdaKVCache(model, 0.25, scorer=H2O(), decode="h2o", allocator="adakv", window=4)
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache)
     targets = {i: cache.kept_lengths(i) for i in range(3)}
     assert any(len(set(t.flatten().tolist())) > 1 for t in targets.values())  # Ada-KV: uneven heads
     for i, t in targets.items():
-        assert torch.equal(cache.layers[i].decode.target, t)
+        assert torch.equal(cache.layers[i].decode_state.target, t)
     cache.batch_repeat_interleave(2)
     with torch.no_grad():
         out = model.generate(
@@ -90,7 +90,7 @@ def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
         held = cache.kept_lengths(i)
         limit = t.repeat_interleave(2, 0) + SLACK
         assert (held <= limit).all(), (i, held, limit)
-        assert cache.layers[i].decode.scores.shape[:2] == held.shape
+        assert cache.layers[i].decode_state.scores.shape[:2] == held.shape
     plain = AdaKVCache(model, 0.25, scorer=H2O(), allocator="adakv", window=4)
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, past_key_values=plain, max_new_tokens=new, do_sample=False)
@@ -103,11 +103,11 @@ def test_int_budget_context_then_question(family):
     decoding; gemma2 adds soft-capping and sliding layers (left alone)."""
     model = tiny_model(family)
     ids, mask = padded_batch(seq_len=36, pad=3)
-    cache = AdaKVCache(model, 30, scorer=H2O(accumulate_decode=True), allocator="uniform", window=4)
+    cache = AdaKVCache(model, 30, scorer="h2o", decode="h2o", allocator="uniform", window=4)
     with torch.no_grad():
         model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)
-        compressed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "decode")]
-        assert all(cache.layers[i].decode.target.eq(30).all() for i in compressed)
+        compressed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "decode_state")]
+        assert all(cache.layers[i].decode_state.target.eq(30).all() for i in compressed)
         model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, do_sample=False)
     for i in compressed:
         held = cache.kept_lengths(i)
@@ -116,9 +116,13 @@ def test_int_budget_context_then_question(family):
 
 def test_bad_arguments():
     model = tiny_model("llama")
-    with pytest.raises(TypeError, match="accumulate_decode must be True or False"):
-        H2O(accumulate_decode="yes")
+    with pytest.raises(TypeError, match="moved to the cache"):
+        H2O(accumulate_decode=True)
     with pytest.raises(ValueError, match="block_elements must be an int >= 1"):
         H2O(block_elements=0)
     with pytest.raises(ValueError, match="per-layer allocator"):
-        AdaKVCache(model, 0.2, scorer=H2O(accumulate_decode=True), allocator="layer-adaptive")
+        AdaKVCache(model, 0.2, scorer="h2o", decode="rescore", allocator="layer-adaptive")
+    with pytest.raises(ValueError, match="Unknown decode policy"):
+        AdaKVCache(model, 0.2, decode="forever")
+    with pytest.raises(TypeError, match="decode must be None"):
+        AdaKVCache(model, 0.2, decode=3)

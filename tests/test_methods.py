@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from adakv.allocators import AdaKV, PyramidKV, Uniform
-from adakv.compression import Compressor
 from adakv.scorers import H2O, TOVA, CriticalKV, KeyNorm, Random, ScoreInputs, Scorer, StreamingLLM
 from adakv.scorers.criticalkv import value_perturbation
+from adakv.selection import Selection
+
+
+def keep_of(selection: Selection, inputs: ScoreInputs) -> torch.Tensor:
+    """The keep mask of a one-shot prefill: every real token of the inputs has been seen."""
+    return selection.select(inputs, inputs.valid[:, 0].sum(-1)).keep
 
 
 def kept(mask):
@@ -33,7 +38,8 @@ def dense_h2o(inp: ScoreInputs) -> torch.Tensor:
     k = k.repeat_interleave(group, 1)
     logits = q @ k.transpose(-1, -2) * inp.scaling
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    allowed = causal[None] & inp.valid[:, None, :] & inp.valid[:, :, None]
+    valid = inp.valid[:, 0]
+    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
     probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
     return probs.sum(2).reshape(bsz, h_kv, group, seq).mean(2)
 
@@ -60,7 +66,7 @@ def test_streamingllm_keeps_sinks_and_recent():
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, :3] = False
     inp = make_inputs(bsz=2, seq=10, valid=valid)
-    mask = Compressor(5, StreamingLLM(sinks=2), Uniform(), window=1).select(inp)
+    mask = keep_of(Selection(5, StreamingLLM(sinks=2), Uniform(), window=1), inp)
     assert kept(mask) == [[[0, 1, 7, 8, 9]] * 2, [[3, 4, 7, 8, 9]] * 2]
 
 
@@ -117,13 +123,13 @@ def test_criticalkv_two_stage_selection():
     inp = make_inputs(h_kv=1, group=1, seq=6, dim=2, module=_OProj(weight), window=1)
     inp.values[0, 0] = torch.tensor([[1.0, 0], [10.0, 0], [0.1, 0], [8.0, 0], [1.0, 0], [1.0, 0]])
     base = [[[0.9, 0.1, 0.5, 0.2, 0.3, 0.0]]]
-    plain = Compressor(3, Fixed(base), Uniform(), window=1).select(inp)
+    plain = keep_of(Selection(3, Fixed(base), Uniform(), window=1), inp)
     assert kept(plain) == [[[0, 2, 5]]]
-    crit = Compressor(3, CriticalKV(Fixed(base)), Uniform(), window=1).select(inp)
+    crit = keep_of(Selection(3, CriticalKV(Fixed(base)), Uniform(), window=1), inp)
     # window {5}; stage 1: floor(0.5 * 2) = 1 -> {0}; stage 2: (s+eps)*N = [.9, 1.0, .05, 1.6, .3] -> {3}
     assert kept(crit) == [[[0, 3, 5]]]
     with pytest.raises(ValueError, match="o_proj"):
-        Compressor(3, CriticalKV(Fixed(base)), Uniform(), window=1).select(make_inputs(h_kv=1, seq=6, window=1))
+        keep_of(Selection(3, CriticalKV(Fixed(base)), Uniform(), window=1), make_inputs(h_kv=1, seq=6, window=1))
 
 
 def test_criticalkv_option_validation():
@@ -150,16 +156,17 @@ def test_pyramidkv_through_compressor_uses_layer_index():
     masks = []
     for layer in range(3):
         inp.layer, inp.num_layers = layer, 3
-        masks.append(Compressor(20, Random(), PyramidKV(), window=4).select(inp))
+        masks.append(keep_of(Selection(20, Random(), PyramidKV(), window=4), inp))
     counts = [int(m.sum()) // 2 for m in masks]
     assert counts[0] > counts[1] > counts[2] and abs(sum(counts) / 3 - 20) <= 1
 
 
 def test_adakv_with_staged_scores_keeps_exact_budget():
     weight = torch.randn(8, 8)
-    inp = make_inputs(bsz=2, h_kv=2, group=2, seq=50, dim=2, module=_OProj(weight), window=4)
-    inp.valid[1, :9] = False
-    mask = Compressor(0.3, CriticalKV(), AdaKV(), window=4).select(inp)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :9] = False
+    inp = make_inputs(bsz=2, h_kv=2, group=2, seq=50, dim=2, valid=valid, module=_OProj(weight), window=4)
+    mask = keep_of(Selection(0.3, CriticalKV(), AdaKV(), window=4), inp)
     assert mask.sum((1, 2)).tolist() == [2 * 15, 2 * 12]
     assert not mask[1, :, :9].any()
 
@@ -201,6 +208,6 @@ def test_layer_adaptive_top_over_pieces():
     inf = float("inf")
     earlier = torch.tensor([[[5.0, 1.0, -inf], [3.0, 0.5, 0.2]]])
     current = torch.tensor([[[4.0, 0.1], [2.0, 6.0]]])
-    masks = LayerAdaptive.across_layers([earlier, current], torch.tensor([4]))  # 6 > 5 > 4 > 3
+    masks = LayerAdaptive().across_layers([earlier, current], torch.tensor([4]))  # 6 > 5 > 4 > 3
     assert masks[0].tolist() == [[[True, False, False], [True, False, False]]]
     assert masks[1].tolist() == [[[True, False], [False, True]]]

@@ -264,8 +264,8 @@ def test_deepcopy_empty_cross_layer_cache_and_filled_cache():
     ids, mask = padded_batch()
     original = AdaKVCache(model, budget=0.3, window=4, method="layer-defensivekv")
     twin = copy.deepcopy(original)
-    assert twin._config is original._config and twin.compressor is not original.compressor
-    assert all(a is b for a, b in zip(twin.compressor.layers, twin.layers))
+    assert twin._config is original._config and twin.shared.cascade is not original.shared.cascade
+    assert all(a is b for a, b in zip(twin.shared.cascade.layers, twin.layers))
     out_twin = generate(model, twin, ids, mask, do_sample=False)
     assert original.layers[0].store is None  # filling the copy left the original empty
     out_orig = generate(model, original, ids, mask, do_sample=False)

@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from adakv.allocators import AdaKV, Uniform, topk_mask
-from adakv.compression import Compressor
 from adakv.scorers import ScoreInputs, SnapKV
 from adakv.scorers.snapkv import pool_outside_window
+from adakv.selection import Selection
+
+
+def keep_of(selection: Selection, inputs: ScoreInputs) -> torch.Tensor:
+    """The keep mask of a one-shot prefill: every real token of the inputs has been seen."""
+    return selection.select(inputs, inputs.valid[:, 0].sum(-1)).keep
 
 
 def kept(mask: torch.Tensor) -> list:
@@ -128,34 +133,34 @@ def test_snapkv_options_validation():
 
 
 # -- the whole selection: budget, window, padding ------------------------------------------------------------
-def test_compressor_keeps_window_and_top_tokens():
+def test_selection_keeps_window_and_top_tokens():
     queries, keys = _one_hot_case()
-    comp = Compressor(3, SnapKV(kernel_size=1), Uniform(), window=2)
-    assert kept(comp.select(_inputs(queries, keys, window=2))) == [[[1, 6, 7], [4, 6, 7]]]
+    comp = Selection(3, SnapKV(kernel_size=1), Uniform(), window=2)
+    assert kept(keep_of(comp, _inputs(queries, keys, window=2))) == [[[1, 6, 7], [4, 6, 7]]]
 
 
-def test_compressor_budget_rounding_and_padding():
+def test_selection_budget_rounding_and_padding():
     queries, keys = _one_hot_case()
     queries, keys = queries.repeat(2, 1, 1, 1), keys.repeat(2, 1, 1, 1)
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[1, :3] = False  # 5 real tokens
-    comp = Compressor(0.3, SnapKV(kernel_size=1), AdaKV(), window=1)
+    comp = Selection(0.3, SnapKV(kernel_size=1), AdaKV(), window=1)
     assert comp.tokens_per_head(torch.tensor([8, 5])).tolist() == [2, 2]  # round(2.4), round(1.5)
-    mask = comp.select(_inputs(queries, keys, window=1, valid=valid))
+    mask = keep_of(comp, _inputs(queries, keys, window=1, valid=valid))
     assert mask.sum((1, 2)).tolist() == [4, 4]
     assert not mask[1, :, :3].any()
     assert mask[:, :, 7].all()  # window always kept
 
 
-def test_compressor_keeps_short_prompt_whole():
+def test_selection_keeps_short_prompt_whole():
     queries, keys = _one_hot_case()
     valid = torch.ones(1, 8, dtype=torch.bool)
     valid[0, :2] = False
-    mask = Compressor(100, SnapKV(), AdaKV(), window=32).select(_inputs(queries, keys, window=32, valid=valid))
+    mask = keep_of(Selection(100, SnapKV(), AdaKV(), window=32), _inputs(queries, keys, window=32, valid=valid))
     assert mask.tolist() == [[valid[0].tolist()] * 2]
 
 
 def test_budget_smaller_than_window_still_exact():
     queries, keys = _one_hot_case()
-    mask = Compressor(2, SnapKV(), AdaKV(), window=32).select(_inputs(queries, keys, window=32))
+    mask = keep_of(Selection(2, SnapKV(), AdaKV(), window=32), _inputs(queries, keys, window=32))
     assert kept(mask) == [[[6, 7], [6, 7]]]

@@ -168,6 +168,9 @@ def test_generate_with_triton_backend_matches_torch(family, monkeypatch):
 
 
 def test_backend_selection_errors(monkeypatch):
+    from tiny_models import tiny_model
+
+    from adakv import AdaKVCache
     from adakv.kernels import ops_for
 
     monkeypatch.setenv("ADAKV_BACKEND", "cuda-magic")
@@ -176,6 +179,8 @@ def test_backend_selection_errors(monkeypatch):
     monkeypatch.setenv("ADAKV_BACKEND", "flash")
     with pytest.raises(ValueError, match="flash-attn is not available"):
         ops_for(torch.zeros(1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AdaKVCache(tiny_model("llama"), 0.5, backend="cuda-magic")
     monkeypatch.setenv("ADAKV_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():

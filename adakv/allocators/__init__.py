@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .adakv import AdaKV
-from .base import Allocator, topk_mask
+from .base import Allocator, CrossLayerAllocator, topk_mask
 from .layer_adaptive import LayerAdaptive
 from .pyramidkv import PyramidKV
 from .uniform import Uniform
@@ -26,4 +26,14 @@ def get_allocator(spec: str | Allocator) -> Allocator:
     )
 
 
-__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "LayerAdaptive", "PyramidKV", "Uniform", "get_allocator", "topk_mask"]
+__all__ = [
+    "ALLOCATORS",
+    "AdaKV",
+    "Allocator",
+    "CrossLayerAllocator",
+    "LayerAdaptive",
+    "PyramidKV",
+    "Uniform",
+    "get_allocator",
+    "topk_mask",
+]

@@ -41,6 +41,20 @@ class Allocator(ABC):
         return f"{type(self).__name__}({params})"
 
 
+class CrossLayerAllocator(Allocator):
+    """An allocator whose budget is shared by the layers: one total over layers x heads x tokens.
+
+    ``__call__`` allocates within one layer (used for its first-stage selection and when the layer is
+    alone); :meth:`across_layers` splits the total between the pieces of several layers. The cache runs
+    the cascade (:mod:`adakv.cascade`): at each compressed layer, that layer's fresh scores and the
+    scores of what earlier layers still hold compete for ``(l + 1) * H * B`` tokens per sequence.
+    """
+
+    @abstractmethod
+    def across_layers(self, pieces: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
+        """Keep masks, one per ``[B, H, M_i]`` score piece, holding ``total[b]`` tokens of sequence b in all."""
+
+
 def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool mask of the ``k[r]`` highest entries of each row of ``scores`` ``[R, N]``."""
     k_max = int(k.max()) if k.numel() else 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Allocator, topk_mask
+from .base import CrossLayerAllocator, topk_mask
 
 
-class LayerAdaptive(Allocator):
+class LayerAdaptive(CrossLayerAllocator):
     """Layer-adaptive allocation (Layer-DefensiveKV): layers and heads compete for one budget.
 
     Feng et al., "Taming the Fragility of KV Cache Eviction in LLM Inference", 2025
@@ -30,15 +30,13 @@ class LayerAdaptive(Allocator):
     """
 
     name = "layer-adaptive"
-    cross_layer = True
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """One layer alone: heads compete jointly (Ada-KV without safeguard)."""
         bsz, heads, seq = scores.shape
         return topk_mask(scores.reshape(bsz, heads * seq), budget * heads).reshape(bsz, heads, seq)
 
-    @staticmethod
-    def across_layers(pieces: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
+    def across_layers(self, pieces: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
         """Top ``total[b]`` over the concatenation of ``[B, H, M_i]`` score pieces; one keep mask per piece."""
         bsz = pieces[0].shape[0]
         flat = torch.cat([p.reshape(bsz, -1) for p in pieces], -1)

@@ -7,12 +7,17 @@ on the same prose prompt:
 * ``peak_bytes``: peak memory of prefill + decoding above what was allocated before it: the CUDA allocator's
   peak on GPU; on CPU the process RSS sampled every millisecond by a thread, in a run of its own after the
   timed ones (an estimate: allocations that live shorter than a millisecond can be missed);
-* ``prefill_s``: wall time of the prefill forward (compression included), ``compress_s`` the part of it spent
-  selecting and compacting (every ``AdaKVLayer.compress`` call, timed);
-* ``decode_ms``: median wall time of one greedy decoding step (batch-wide).
+* ``prefill_s``: wall time from the ``generate`` call to the prefill's logits (compression included),
+  ``compress_s`` the part of it spent selecting and compacting (every call of the layer's compression, timed);
+* decoding runs through ``model.generate`` itself (greedy, ``min_new_tokens = max_new_tokens``, so EOS cannot
+  stop it early), with the clock read (after a device sync) each time generate has the next logits: once after
+  the prefill, then once per decoded token. ``decode_ms``: the whole decode's wall time / its tokens
+  (``decode_tokens``), re-layouts of segments that ran out of slack included; ``decode_p50_ms`` /
+  ``decode_p99_ms``: median and 99th percentile of the single steps' times (p99: where the re-layouts show).
 
-Each figure also appears as a ratio to the full cache's (``*_ratio``). Timings are medians over ``repeats``.
-A configuration that runs out of device memory gets ``error: "out of memory"`` and empty figures.
+Each figure also appears as a ratio to the full cache's (``*_ratio``). Every figure of a row is the median of its
+values over ``repeats`` runs. A configuration that runs out of device memory gets ``error: "out of memory"`` and
+empty figures.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..cache import AdaKVCache, kv_bytes
 from ..layer import AdaKVLayer
@@ -89,11 +95,15 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int | None]]:
         result["peak"] = max(peak[0], _rss()) - base
 
 
+# the layer's method that scores, selects and compacts a prompt (named ``compress`` in earlier versions)
+_COMPRESS = next(name for name in ("compress_dense", "compress") if hasattr(AdaKVLayer, name))
+
+
 @contextlib.contextmanager
 def compression_timer(device: torch.device) -> Iterator[list[float]]:
-    """Seconds spent in every ``AdaKVLayer.compress`` call inside the block (appended to the yielded list)."""
+    """Seconds spent compressing (every call of the layer's compression inside the block, appended to the list)."""
     spent: list[float] = []
-    original = AdaKVLayer.compress
+    original = getattr(AdaKVLayer, _COMPRESS)
 
     def timed(self: AdaKVLayer, *args: Any, **kwargs: Any) -> None:
         _sync(device)
@@ -102,46 +112,94 @@ def compression_timer(device: torch.device) -> Iterator[list[float]]:
         _sync(device)
         spent.append(time.perf_counter() - begin)
 
-    AdaKVLayer.compress = timed
+    setattr(AdaKVLayer, _COMPRESS, timed)
     try:
         yield spent
     finally:
-        AdaKVLayer.compress = original
+        setattr(AdaKVLayer, _COMPRESS, original)
+
+
+class _StepClock(LogitsProcessor):
+    """Reads the clock (after a device sync) every time ``generate`` has new logits: after the prefill, then after
+    every decoded token's forward. ``at_prefill`` runs once, before the first reading (inside the prefill's time)."""
+
+    def __init__(self, device: torch.device, at_prefill: Callable[[], None]):
+        self.device, self.at_prefill, self.stamps = device, at_prefill, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.stamps:
+            self.at_prefill()
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, linear between the closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _greedy(model: Any, new_tokens: int) -> GenerationConfig:
+    """Greedy decoding of exactly ``new_tokens`` tokens (EOS allowed only after them, so never)."""
+    base = model.generation_config
+    eos = base.eos_token_id
+    pad = base.pad_token_id if base.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    return GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=base.bos_token_id,
+    )
 
 
 @torch.no_grad()
 def measure(
     model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], decode_steps: int, memory: bool = True
 ) -> dict[str, Any]:
-    """Prefill ``ids`` into a fresh cache, then ``decode_steps`` greedy steps; one measurement.
-    ``memory=False`` skips the peak memory (on CPU its sampling thread would perturb the timings)."""
+    """Prefill ``ids`` into a fresh cache and decode ``decode_steps`` greedy tokens through ``model.generate``;
+    one measurement. ``memory=False`` skips the peak memory (on CPU its sampling thread would perturb the timings)."""
     device = ids.device
     cache = make_cache()
+    held: list[int] = []
+    clock = _StepClock(device, lambda: held.append(kv_bytes(cache)))
+    # one token more than the steps timed: the first comes from the prefill's logits
+    config = _greedy(model, decode_steps + 1)
     with peak_memory(device) if memory else contextlib.nullcontext({"peak": None}) as mem:
         with compression_timer(device) as spent:
             _sync(device)
             begin = time.perf_counter()
-            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
-            token = logits[:, -1:].argmax(-1)
-            _sync(device)
-            prefill = time.perf_counter() - begin
-        held = kv_bytes(cache)
-        steps = []
-        for _ in range(decode_steps):
-            begin = time.perf_counter()
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            _sync(device)
-            steps.append(time.perf_counter() - begin)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+    stamps = clock.stamps
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {
-        "kv_bytes": held,
+        "kv_bytes": held[0],
         "peak_bytes": mem["peak"],
-        "prefill_s": prefill,
+        "prefill_s": stamps[0] - begin,
         "compress_s": sum(spent),
-        "decode_ms": 1e3 * statistics.median(steps) if steps else None,
+        "decode_tokens": len(steps),
+        "decode_ms": 1e3 * (stamps[-1] - stamps[0]) / len(steps) if steps else None,
+        "decode_p50_ms": 1e3 * percentile(steps, 50) if steps else None,
+        "decode_p99_ms": 1e3 * percentile(steps, 99) if steps else None,
     }
 
 
-METRICS = ("kv_bytes", "peak_bytes", "prefill_s", "compress_s", "decode_ms")
+METRICS = (
+    "kv_bytes", "peak_bytes", "prefill_s", "compress_s", "decode_tokens", "decode_ms", "decode_p50_ms", "decode_p99_ms"
+)
+RATIOS = ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms", "decode_p50_ms", "decode_p99_ms")
 
 
 def _attempt(*args: Any) -> dict[str, Any] | None:
@@ -185,8 +243,8 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
         ctx, _ = prose_split(tok, length, 1, args.seed)
         ids = ctx.to(model.device).expand(batch, -1).contiguous()
         factories = [_factory(model, m, b, args.window) for m, b in configs]
-        for factory in factories:  # warm-up: kernels compiled, allocator and clocks up
-            measure(model, ids[:, : min(256, length)], factory, max(4, args.decode_steps // 2), False)
+        for factory in factories:  # warm-up: kernels compiled, allocator and clocks up, a re-layout (> 16 steps)
+            measure(model, ids[:, : min(256, length)], factory, max(4, min(32, args.decode_steps)), False)
         runs: list[list[dict]] = [[] for _ in configs]
         for _ in range(args.repeats):
             for (method, budget), factory, done in zip(configs, factories, runs):
@@ -203,7 +261,7 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
             if method == "full":
                 reference = result
             row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
-            for key in ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms"):
+            for key in RATIOS:
                 ok = row[key] is not None and reference.get(key)
                 row[f"{key}_ratio"] = row[key] / reference[key] if ok else None
             row["compress_fraction"] = row["compress_s"] / row["prefill_s"] if row["prefill_s"] else None

@@ -11,14 +11,22 @@ from torch import nn
 
 @dataclass
 class ScoreInputs:
-    """One layer's prefill, as handed to a scorer.
+    """The tokens one layer must choose among, as handed to a scorer.
 
-    queries: ``[B, H_q, L, D]`` (after RoPE); keys, values: ``[B, H_kv, L, D]``;
-    valid: bool ``[B, L]``, False at padding; window: size of the observation
-    window (the last ``window`` prompt tokens); scaling and softcap: the layer's
-    attention logit scale and optional tanh soft-capping; module: the attention
-    module (for ``o_proj`` and head counts); layer / num_layers: this layer's
-    index among the cache's compressed layers, and their count.
+    - ``keys``, ``values``: ``[B, H_kv, L, D]``, in position order along L. In a one-shot prefill these are
+      the prompt's K/V; for a later prompt chunk or a decode-time rescoring they are the tokens the layer
+      still holds (a right-aligned view: each head's tokens end in column L - 1, shorter heads padded in
+      front) followed by the new ones.
+    - ``queries``: ``[B, H_q, Q, D]`` (after RoPE), Q <= L: the queries of the *last* Q key columns, so
+      query i sits at column ``L - Q + i`` and attends causally to columns <= that.
+    - ``valid``: bool ``[B, H_kv, L]``, False at padding (left padding of the prompt, or the front padding
+      of shorter heads). A bool ``[B, L]`` (one row for all heads) is accepted and expanded.
+    - ``positions``: int64 ``[B, H_kv, L]``, each token's position in its sequence (0 = first real token),
+      -1 at padding; derived from ``valid`` when not given (a contiguous prompt).
+    - ``window``: the observation window (the last ``window`` columns are always kept); ``scaling`` and
+      ``softcap``: the layer's logit scale and optional tanh soft-capping; ``module``: the attention
+      module (``o_proj``, ``layer_idx``); ``layer`` / ``num_layers``: this layer's index among the
+      cache's compressed layers, and their count.
     """
 
     queries: torch.Tensor
@@ -31,10 +39,29 @@ class ScoreInputs:
     module: nn.Module
     layer: int = 0
     num_layers: int = 1
+    positions: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        bsz, heads, seq = self.keys.shape[:3]
+        if self.valid.dim() == 2:
+            self.valid = self.valid[:, None, :].expand(bsz, heads, seq)
+        if tuple(self.valid.shape) != (bsz, heads, seq):
+            raise ValueError(
+                f"valid must be [B, L] or [B, H_kv, L] = {(bsz, heads, seq)}, got {tuple(self.valid.shape)}"
+            )
+        if self.queries.shape[2] > seq:
+            raise ValueError(f"{self.queries.shape[2]} queries for {seq} key columns: queries must be the last ones.")
+        if self.positions is None:
+            self.positions = (torch.cumsum(self.valid.long(), -1) - 1).masked_fill(~self.valid, -1)
 
     @property
     def group_size(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
+
+    @property
+    def query_offset(self) -> int:
+        """Column of the first query's own token (``L - Q``)."""
+        return self.keys.shape[2] - self.queries.shape[2]
 
 
 @dataclass
@@ -68,20 +95,21 @@ class Scorer(ABC):
 
 
 def window_attention(inputs: ScoreInputs) -> torch.Tensor:
-    """Softmax attention of the last ``window`` queries over all keys, fp32 ``[B, H_kv, G, w, L]``.
+    """Softmax attention of the last ``w = min(window, Q)`` queries over all keys, fp32 ``[B, H_kv, G, w, L]``.
 
-    Causal inside the window, padding keys masked; computed per KV group without
-    repeating keys.
+    Causal (query i of the window sits at column L - w + i), padding keys masked; computed per KV group
+    without repeating keys. A padded query row (its own column is padding) sees nothing and gets zeros.
     """
     q, k = inputs.queries, inputs.keys
     bsz, h_kv, seq, dim = k.shape
-    w = min(inputs.window, seq)
-    q_win = q[:, :, seq - w :].float().reshape(bsz, h_kv, inputs.group_size, w, dim)
+    w = min(inputs.window, q.shape[2])
+    q_win = q[:, :, q.shape[2] - w :].float().reshape(bsz, h_kv, inputs.group_size, w, dim)
     logits = torch.einsum("bhgwd,bhld->bhgwl", q_win, k.float()) * inputs.scaling
     if inputs.softcap is not None:
         logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
-    q_pos = torch.arange(seq - w, seq, device=k.device)
-    k_pos = torch.arange(seq, device=k.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & inputs.valid[:, None, :]  # [B, w, L]
-    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    return torch.softmax(logits, -1).nan_to_num(0.0)  # padded query rows see nothing
+    q_col = torch.arange(seq - w, seq, device=k.device)
+    k_col = torch.arange(seq, device=k.device)
+    allowed = (k_col[None, :] <= q_col[:, None])[None, None] & inputs.valid[:, :, None, :]  # [B, H, w, L]
+    allowed = allowed & inputs.valid[:, :, seq - w :, None]  # padded query rows see nothing
+    logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+    return torch.softmax(logits, -1).nan_to_num(0.0)

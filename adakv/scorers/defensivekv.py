@@ -50,7 +50,8 @@ class DefensiveKV(Scorer):
 
 
 def defensive_aggregation(attn: torch.Tensor, valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys) -> risk ``[B, H, L]``."""
+    """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]`` -> risk
+    ``[B, H, L]``."""
     bsz, heads, group, w, seq = attn.shape
     prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
     prefix[seq - w :] = False
@@ -61,6 +62,6 @@ def defensive_aggregation(attn: torch.Tensor, valid: torch.Tensor, kernel_size: 
     pooled = pooled.reshape(attn.shape) * prefix
     pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
     risk = pooled.amax(dim=(2, 3))  # worst case over the group and the window queries
-    real = (valid & prefix)[:, None, :]
+    real = valid & prefix
     mean = (risk * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
     return torch.maximum(risk, mean)

@@ -23,46 +23,48 @@ class H2O(Scorer):
     log-sum-exp over all keys, and the column sums of exp(logit - lse) are
     accumulated, so no L x L matrix ever exists (memory ~ block x L per head).
 
-    ``accumulate_decode=True`` is H2O's decoding policy: each decoded query's
-    attention is added to the held tokens' scores, and a head that has grown 16
-    tokens past what it kept after the prompt (an int budget: past the budget)
-    is cut back to it, the recent window kept and the rest by accumulated score
-    (:mod:`adakv.decode_eviction`). Memory then stays bounded however long the
-    generation; without it the prompt is compressed once and decoded tokens are
-    all kept.
+    H2O's decoding policy (accumulating decoded queries' attention and evicting as the
+    generation grows) is a decode policy of the cache: ``AdaKVCache(..., decode="h2o")``
+    (:mod:`adakv.decode.h2o`).
     """
 
     name = "h2o"
 
-    def __init__(self, block_elements: int = BLOCK_ELEMENTS, accumulate_decode: bool = False):
+    def __init__(self, block_elements: int = BLOCK_ELEMENTS, **removed):
+        if "accumulate_decode" in removed:
+            raise TypeError(
+                "H2O(accumulate_decode=...) moved to the cache: AdaKVCache(model, budget, scorer='h2o', decode='h2o')."
+            )
+        if removed:
+            raise TypeError(f"H2O got unexpected arguments {sorted(removed)}.")
         if isinstance(block_elements, bool) or not isinstance(block_elements, int) or block_elements < 1:
             raise ValueError(f"block_elements must be an int >= 1, got {block_elements!r}.")
-        if not isinstance(accumulate_decode, bool):
-            raise TypeError(f"accumulate_decode must be True or False, got {accumulate_decode!r}.")
         self.block_elements = block_elements
-        self.accumulate_decode = accumulate_decode
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         return accumulated_attention(inputs, self.block_elements)
 
 
 def accumulated_attention(inputs: ScoreInputs, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """s_j = sum over the queries i (query i at column L - Q + i, causal) of A_ij, mean over the KV group."""
     q, k, valid = inputs.queries, inputs.keys, inputs.valid
     bsz, h_kv, seq, dim = k.shape
+    n_q, offset = q.shape[2], inputs.query_offset
     group = inputs.group_size
     keys = k.float()
-    k_pos = torch.arange(seq, device=k.device)
+    k_col = torch.arange(seq, device=k.device)
     block = max(1, block_elements // max(1, bsz * h_kv * group * seq))
     scores = torch.zeros(bsz, h_kv, seq, dtype=torch.float32, device=k.device)
-    for lo in range(0, seq, block):
-        hi = min(seq, lo + block)
+    for lo in range(0, n_q, block):
+        hi = min(n_q, lo + block)
         q_blk = q[:, :, lo:hi].float().reshape(bsz, h_kv, group, hi - lo, dim)
         logits = torch.einsum("bhgqd,bhld->bhgql", q_blk, keys) * inputs.scaling
         if inputs.softcap is not None:
             logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
-        allowed = (k_pos[None, :] <= torch.arange(lo, hi, device=k.device)[:, None])[None] & valid[:, None, :]
-        allowed = allowed & valid[:, lo:hi, None]  # padded queries contribute nothing
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        q_col = torch.arange(offset + lo, offset + hi, device=k.device)
+        allowed = (k_col[None, :] <= q_col[:, None])[None, None] & valid[:, :, None, :]  # [B, H, q, L]
+        allowed = allowed & valid[:, :, offset + lo : offset + hi, None]  # padded queries contribute nothing
+        logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
         lse = torch.logsumexp(logits, -1, keepdim=True).nan_to_num(neginf=0.0)
         probs = torch.exp(logits - lse)  # rows of -inf give exp(-inf) = 0
         scores += probs.sum(3).mean(2)

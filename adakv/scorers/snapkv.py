@@ -45,7 +45,7 @@ class SnapKV(Scorer):
         attn = window_attention(inputs)  # [B, H, G, w, L]
         scores = attn.mean(3)
         scores = scores.mean(2) if self.gqa == "mean" else scores.amax(2)  # [B, H, L]
-        return pool_outside_window(scores, inputs.window, self.pooling, self.kernel_size)
+        return pool_outside_window(scores, attn.shape[3], self.pooling, self.kernel_size)
 
 
 def pool_outside_window(scores: torch.Tensor, window: int, pooling: str, kernel_size: int) -> torch.Tensor:

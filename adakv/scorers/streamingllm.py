@@ -11,8 +11,9 @@ class StreamingLLM(Scorer):
     """StreamingLLM: keep the first ``sinks`` tokens (attention sinks) and the most recent ones.
 
     Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
-    (arXiv:2309.17453). Score: +inf for the first ``sinks`` real tokens, else the position
-    (later = higher), so any budget keeps sinks + the most recent tokens.
+    (arXiv:2309.17453). Score: +inf for the tokens at positions < ``sinks`` (the sequence's first
+    real tokens), else the position (later = higher), so any budget keeps sinks + the most recent
+    tokens. Positions, not columns: after a first prompt chunk the sinks stay sinks.
     """
 
     name = "streamingllm"
@@ -23,8 +24,6 @@ class StreamingLLM(Scorer):
         self.sinks = sinks
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
-        bsz, heads, seq, _ = inputs.keys.shape
-        rank = torch.cumsum(inputs.valid.long(), -1)  # 1-based index among real tokens
-        scores = torch.arange(seq, device=rank.device, dtype=torch.float32).expand(bsz, seq).clone()
-        scores = scores.masked_fill((rank <= self.sinks) & inputs.valid, float("inf"))
-        return scores[:, None, :].expand(bsz, heads, seq).clone()
+        pos = inputs.positions
+        scores = pos.float().masked_fill((pos >= 0) & (pos < self.sinks), float("inf"))
+        return scores.masked_fill(~inputs.valid, float("-inf"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .base import ScoreInputs, Scorer, window_attention
@@ -17,5 +19,5 @@ class TOVA(Scorer):
     name = "tova"
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
-        last = ScoreInputs(**{**vars(inputs), "window": 1})
+        last = dataclasses.replace(inputs, window=1)
         return window_attention(last)[:, :, :, 0].mean(2)

@@ -1,0 +1,62 @@
+"""What a decode policy is: what a compressed layer does with the tokens it decodes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..layer import AdaKVLayer
+    from ..scorers import ScoreInputs
+    from ..selection import Choice, Selection
+
+
+class DecodeState(ABC):
+    """One layer's decode-time state. Its tensors are indexed by sequence first (batch reordering)."""
+
+    @abstractmethod
+    def after_append(
+        self,
+        layer: AdaKVLayer,
+        module: nn.Module,
+        q: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        hidden: torch.Tensor | None,
+    ) -> None:
+        """Called after new tokens (queries ``q`` ``[B, H_kv, G, Q, D]``) were appended and attended; may evict
+        through ``layer.evict_rows`` or ``layer.reselect``."""
+
+    @abstractmethod
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Make sequence b's state a copy of sequence ``index[b]``'s (beam search, batch selection)."""
+
+
+class DecodePolicy(ABC):
+    """Keeps the cache bounded while decoding. Built once with the cache; :meth:`start` gives each layer its
+    state after every prompt compaction."""
+
+    name: str = "decode"
+
+    def check(self, selection: Selection) -> None:
+        """Refuse, with a ValueError, a selection this policy cannot work with (called when the cache is built)."""
+        return None
+
+    @abstractmethod
+    def start(
+        self, layer: AdaKVLayer, inputs: ScoreInputs, choice: Choice, previous: DecodeState | None
+    ) -> DecodeState:
+        """The layer's state after its storage was rebuilt from ``inputs``' candidates with ``choice.keep``."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+def check_interval(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    return value

@@ -1,0 +1,63 @@
+"""Decode-time re-selection with the cache's own scorer and allocator, every few tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import DecodePolicy, DecodeState, check_interval
+
+
+class Rescore(DecodePolicy):
+    """Every ``interval`` decoded tokens, re-score the held tokens and cut back to the budget.
+
+    The held tokens (prompt survivors and decoded ones) are scored by the cache's scorer from the most
+    recent ``window`` queries (SnapKV-style observation window: the prompt's last queries at first, then
+    the decoded ones), the allocator splits the budget of all tokens seen so far between the heads again
+    (Ada-KV may move budget between heads over time), and the rest is evicted; the most recent ``window``
+    tokens always stay. With an int budget B the cache then holds at most B + ``interval`` tokens per head
+    on average (plus a segment's slack); with a float budget f, f x the tokens seen + ``interval``.
+
+    Cost: one scoring of the held tokens and one re-layout of the layer per ``interval`` tokens.
+    Cross-layer allocators are refused (their split is decided across one forward's layers).
+    """
+
+    name = "rescore"
+
+    def __init__(self, interval: int = 16):
+        self.interval = check_interval(interval, "Rescore interval")
+
+    def check(self, selection) -> None:
+        if selection.cross_layer:
+            raise ValueError(
+                f"decode='rescore' re-splits each layer's budget on its own; {selection.allocator!r} splits one "
+                "budget across layers at prefill. Use a per-layer allocator (uniform, adakv, pyramidkv), or "
+                "decode='h2o' (it keeps each head's prefill allocation)."
+            )
+
+    def start(self, layer, inputs, choice, previous) -> DecodeState:
+        window = inputs.window
+        queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed
+        return RescoreState(queries, self.interval)
+
+
+class RescoreState(DecodeState):
+    """``queries``: the most recent (at most ``window``) queries ``[B, H_q, W, D]``; ``due``: tokens until the
+    next re-selection."""
+
+    def __init__(self, queries: torch.Tensor, interval: int):
+        self.window = queries.shape[2]
+        self.queries = queries
+        self.interval = interval
+        self.due = interval
+
+    def after_append(self, layer, module, q, scaling, softcap, hidden) -> None:
+        bsz, h_kv, group, q_len, dim = q.shape
+        new = q.reshape(bsz, h_kv * group, q_len, dim)
+        self.queries = torch.cat([self.queries, new], 2)[:, :, -max(self.window, 1) :]
+        self.due -= q_len
+        if self.due <= 0:
+            self.due = self.interval
+            layer.reselect(self.queries, module, scaling, softcap)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.queries = self.queries[index.to(self.queries.device)]

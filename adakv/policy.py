@@ -1,0 +1,57 @@
+"""What an AdaKVCache is built from: its policies (explicit objects, chosen once) and the state its layers share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cascade import Cascade
+from .decode import DecodePolicy
+from .prompt import PromptPhase
+from .selection import Selection
+
+
+class PrefillAttention(ABC):
+    """A policy that computes a layer's attention over its first prompt chunk (instead of the model's dense
+    attention), e.g. CritiPrefill's block-sparse prefill. Later chunks and decoding are not affected."""
+
+    @abstractmethod
+    def attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """Output ``[B, L_q, H_q, D]`` of ``query`` ``[B, H_q, L_q, D]`` over dense ``key``/``value``
+        ``[B, H_kv, L_k, D]`` (the queries are the last L_q keys, causal); ``valid`` bool ``[B, L_k]``."""
+
+
+@dataclass
+class CachePolicy:
+    """Everything that varies between caches, fixed when the cache is built.
+
+    selection: budget, scorer, allocator, window; decode: what happens while decoding (None keeps every
+    decoded token); backend: the kernels' backend name (None: Triton on CUDA, torch elsewhere), resolved
+    per layer from the first tensor's device; prefill_attention: None for the model's own attention.
+    """
+
+    selection: Selection
+    decode: DecodePolicy | None = None
+    backend: str | None = None
+    prefill_attention: PrefillAttention | None = None
+
+
+class SharedState:
+    """Per-cache state the compressed layers share: the prompt phase of the current forward, and the
+    cross-layer cascade when the allocator splits one budget over layers."""
+
+    def __init__(self, policy: CachePolicy):
+        self.phase = PromptPhase()
+        self.cascade = Cascade(policy.selection.allocator) if policy.selection.cross_layer else None

@@ -1,0 +1,108 @@
+"""When a forward is part of the prompt (compressed) and when it is appended whole; chunked prefill."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache import AdaKVCache
+
+
+def generate_chunk_size() -> int | None:
+    """``prefill_chunk_size`` when called from inside transformers' chunked prefill in ``generate``, else None.
+
+    transformers tells a cache nothing about the chunks of its own prefill loop, so this looks for that loop's
+    frame (``GenerationMixin._prefill`` with its ``input_chunks``). Only called for multi-token forwards.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "_prefill"
+            and frame.f_globals.get("__name__", "").startswith("transformers.generation")
+            and "input_chunks" in frame.f_locals
+        ):
+            return int(frame.f_locals["chunk_size"])
+        frame = frame.f_back
+    return None
+
+
+class PromptPhase:
+    """Decides, once per forward (at the first compressed layer), whether the forward is a prompt chunk.
+
+    The first forward always is. A later one is when it runs inside ``cache.compressing()`` or inside
+    ``generate(..., prefill_chunk_size=N)``'s prefill; otherwise (decoding, a question appended to a
+    compressed document, a second chat turn) its tokens are appended and kept.
+    """
+
+    def __init__(self) -> None:
+        self.explicit = 0  # depth of cache.compressing() blocks
+        self.compressing = False
+
+    def begin_forward(self, q_len: int, first: bool, window: int) -> None:
+        chunk = None
+        if q_len > 1 and not self.explicit:
+            chunk = generate_chunk_size()
+            if chunk is not None and chunk < window:
+                raise ValueError(
+                    f"generate(prefill_chunk_size={chunk}) is smaller than this AdaKVCache's observation window "
+                    f"({window} tokens), which must fit in a chunk. Use prefill_chunk_size >= {window}, or a smaller "
+                    "window=."
+                )
+        self.compressing = first or self.explicit > 0 or chunk is not None
+
+
+@contextmanager
+def compressing(cache: AdaKVCache) -> Iterator[AdaKVCache]:
+    """Inside this block every forward through ``cache`` is a prompt chunk (see :meth:`AdaKVCache.compressing`)."""
+    phase = cache.shared.phase
+    phase.explicit += 1
+    try:
+        yield cache
+    finally:
+        phase.explicit -= 1
+
+
+@torch.no_grad()
+def prefill_in_chunks(
+    model,
+    cache: AdaKVCache,
+    input_ids: torch.Tensor,
+    chunk_size: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feed a long prompt (a document) through ``model`` in chunks of ``chunk_size`` tokens, compressing
+    after each chunk, so the K/V held never exceeds the budget of the tokens seen plus one chunk.
+
+    Returns the logits of the last position ``[B, vocab]``. Afterwards the cache is an ordinary compressed
+    cache: ``model.generate(full_ids, past_key_values=cache)`` appends the question and decodes (the
+    question is not evicted). ``attention_mask`` (left padding) covers ``input_ids``.
+    """
+    window = cache.policy.selection.window
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < window:
+        raise ValueError(
+            f"chunk_size must be an int >= the cache's observation window ({window} tokens), got {chunk_size!r}."
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
+    if cache.get_seq_length():
+        raise ValueError("prefill_in_chunks needs an empty cache (a new AdaKVCache, or cache.reset()).")
+    logits = None
+    with compressing(cache):
+        for lo in range(0, input_ids.shape[1], chunk_size):
+            hi = min(lo + chunk_size, input_ids.shape[1])
+            kwargs = {}
+            if attention_mask is not None:
+                mask = attention_mask[:, :hi]
+                kwargs["attention_mask"] = mask
+                # positions as generate() gives them: counted over real tokens, so a later question continues them
+                kwargs["position_ids"] = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)[:, lo:hi]
+            out = model(input_ids[:, lo:hi], past_key_values=cache, use_cache=True, **kwargs)
+            logits = out.logits[:, -1]
+    return logits

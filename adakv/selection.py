@@ -1,0 +1,151 @@
+"""The selection policy of a cache: budget -> scorer -> allocator -> kept tokens."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .allocators import Allocator, CrossLayerAllocator
+from .scorers import ScoreInputs, Scorer, StagedScores
+
+if TYPE_CHECKING:
+    from .cascade import Cascade
+
+
+def check_budget(budget: object) -> float | int:
+    """Validate a budget: a float in (0, 1] (fraction of the prompt) or an int >= 1 (tokens per KV head)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(
+            f"budget must be a number: a float in (0, 1] (fraction of the prompt kept) or an int >= 1 "
+            f"(tokens kept per KV head), got {budget!r} ({type(budget).__name__})."
+        )
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(
+                f"An integer budget is the number of tokens kept per KV head and must be >= 1, got {budget}."
+            )
+        return int(budget)
+    budget = float(budget)
+    if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"A float budget is the fraction of the prompt kept and must be in (0, 1], got {budget}. "
+            "For a number of tokens per KV head pass an int."
+        )
+    return budget
+
+
+def check_window(window: object) -> int:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window (the observation window, in tokens) must be an int >= 1, got {window!r}.")
+    return int(window)
+
+
+@dataclass
+class Choice:
+    """What a selection decided for one layer's candidates ``[B, H, L]``.
+
+    ``keep``: bool keep mask; ``raw``: the scorer's scores (its second stage for staged scorers), fp32, or
+    None when everything was kept without scoring; ``ranked``: the scores the allocator ranked (+inf where
+    kept by rule, -inf at padding), or None likewise.
+    """
+
+    keep: torch.Tensor
+    raw: torch.Tensor | None = None
+    ranked: torch.Tensor | None = None
+
+
+class Selection:
+    """Decides which tokens each (sequence, KV head) of a layer keeps: budget -> scorer -> allocator.
+
+    The per-head budget of sequence b is ``round(budget * n_b)`` for a float budget and
+    ``min(budget, n_b)`` for an int, n_b being the real (unpadded) tokens the sequence has *seen*
+    (evicted ones included), so a prompt given in chunks ends with the same budget as in one piece.
+    The last ``min(window, per-head budget)`` candidates are always kept and count inside the budget;
+    padding is never kept. A sequence whose candidates fit in its budget keeps them all.
+
+    Cross-layer allocators (:class:`~adakv.allocators.CrossLayerAllocator`) split one budget over the
+    layers through the cache's :class:`~adakv.cascade.Cascade`; with a staged scorer the first stage is
+    chosen inside the layer (a per-layer floor), the second competes across layers.
+    """
+
+    def __init__(self, budget: float | int, scorer: Scorer, allocator: Allocator, window: int):
+        self.budget = check_budget(budget)
+        self.scorer = scorer
+        self.allocator = allocator
+        self.window = check_window(window)
+
+    @property
+    def cross_layer(self) -> bool:
+        return isinstance(self.allocator, CrossLayerAllocator)
+
+    def tokens_per_head(self, n_seen: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.budget, int):
+            return n_seen.clamp(max=self.budget)
+        return torch.floor(n_seen.double() * self.budget + 0.5).long().clamp(min=1).minimum(n_seen)
+
+    def per_head(self, n_seen: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
+        """Per-head budget ``[B]`` (host int64) of one layer, for sequences that have seen ``n_seen`` tokens."""
+        n_seen = n_seen.to("cpu", torch.int64)
+        per_head = self.tokens_per_head(n_seen)
+        per_head = self.allocator.layer_budget(per_head, n_seen, layer, num_layers, self.window)
+        return per_head.clamp(min=1).minimum(n_seen.clamp(min=1))
+
+    def select(self, inputs: ScoreInputs, n_seen: torch.Tensor, cascade: Cascade | None = None) -> Choice:
+        """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``."""
+        valid = inputs.valid
+        bsz, heads, seq, _ = inputs.keys.shape
+        per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers)
+        available = valid.sum((1, 2)).cpu()
+        whole = per_head * heads >= available  # [B]
+        if bool(whole.all()):
+            return Choice(valid.clone())
+        out = self.scorer(inputs)
+        protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
+        from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
+        protected = (from_end[None, :] < protect[:, None])[:, None, :]  # right-aligned: the window is the tail
+        budget = per_head.to(valid.device)
+        if isinstance(out, StagedScores):
+            first = self._prepare(out.first, heads, protected, valid)
+            # the first stage chooses its fraction of the budget left after the window, as in the paper's code
+            stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
+            protected = protected | self.allocator(first, stage1)
+            raw = out.second.float()
+        else:
+            raw = out.float()
+        ranked = self._prepare(raw, heads, protected, valid)
+        if cascade is not None:
+            keep = cascade.compete(inputs.layer, ranked, budget, whole.to(valid.device))
+        else:
+            keep = self.allocator(ranked, budget)
+        keep = torch.where(whole.to(valid.device)[:, None, None], valid, keep & valid)
+        return Choice(keep, raw, ranked)
+
+    def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""
+        expected = tuple(valid.shape)
+        if tuple(scores.shape) != expected:
+            raise ValueError(
+                f"{self.scorer!r} returned scores of shape {tuple(scores.shape)}; expected {expected} "
+                "([batch, kv_heads, seq])."
+            )
+        scores = scores.float().nan_to_num(nan=0.0, posinf=torch.finfo(torch.float32).max)
+        return scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+
+    def __repr__(self) -> str:
+        return (
+            f"Selection(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, "
+            f"window={self.window})"
+        )
+
+
+def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
+    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, ``fill`` after."""
+    counts = keep.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    out = torch.full((*values.shape[:-1], width + 1), fill, dtype=values.dtype, device=values.device)
+    slot = torch.where(keep, torch.cumsum(keep.long(), -1) - 1, width)
+    return out.scatter_(-1, slot, values.masked_fill(~keep, fill))[..., :width]
