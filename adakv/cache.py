@@ -223,6 +223,9 @@ class AdaKVCache(Cache):
                 "wrote to it. "
                 "Create one AdaKVCache per model."
             )
+        if layer_idx == 0:  # the forward's first layer decides, before any layer stores anything
+            first = next(layer for layer in self.layers if isinstance(layer, AdaKVLayer))
+            self.shared.phase.begin_forward(key_states.shape[-2], first.store is None, self.policy.selection.window)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> AdaKVCache:

@@ -133,8 +133,6 @@ class AdaKVLayer(CacheLayerMixin):
         """Attention output ``[B, Q, H_q, D]`` of ``query`` ``[B, H_q, Q, D]`` whose new tokens' K/V are ``keys``/
         ``values`` ``[B, H_kv, Q, D]``; ``valid`` bool ``[B, Q]`` (None: all real); ``dense()`` is the model's
         own attention over the new tokens alone (used for a first prompt chunk)."""
-        if self.rank == 0:
-            self.shared.phase.begin_forward(query.shape[2], self.store is None, self.policy.selection.window)
         if self.store is None:
             return self._first_chunk(module, query, keys, values, valid, scaling, softcap, dense)
         if self.shared.phase.compressing:
@@ -185,6 +183,7 @@ class AdaKVLayer(CacheLayerMixin):
         h_kv = keys.shape[1]
         if valid is not None and bool(valid.all()):
             valid = None
+        self.cascade_scores = None  # they describe the rows of the last prompt chunk only
         store.append(keys, values, valid)
         self.n_real += q_len if valid is None else valid.sum(-1).to("cpu", torch.int64)
         hidden = None
