@@ -8,6 +8,7 @@ out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 from .allocators import ALLOCATORS, AdaKV, Allocator, CrossLayerAllocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
 from .cache import AdaKVCache, kv_bytes
+from .context import compress_context
 from .decode import DECODE_POLICIES, DecodePolicy, H2ODecode, Rescore
 from .methods import METHODS
 from .policy import PrefillAttention
@@ -16,9 +17,11 @@ from .scorers import (
     H2O,
     SCORERS,
     TOVA,
+    ContextScorer,
     CriticalKV,
     DefensiveKV,
     KeyNorm,
+    KVzip,
     Random,
     ScoreInputs,
     Scorer,
@@ -36,6 +39,7 @@ __all__ = [
     "H2ODecode",
     "PrefillAttention",
     "Rescore",
+    "compress_context",
     "prefill_in_chunks",
     "H2O",
     "METHODS",
@@ -46,6 +50,8 @@ __all__ = [
     "Allocator",
     "CriticalKV",
     "DefensiveKV",
+    "ContextScorer",
+    "KVzip",
     "KeyNorm",
     "LayerAdaptive",
     "PyramidKV",

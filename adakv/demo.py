@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import AdaKVCache, kv_bytes
-from .compression import check_budget
+from .selection import check_budget
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from .kernels import backend
-from .scorers import ScoreInputs
+from .scorers import PassAttention, ScoreInputs
 from .selection import Choice, pack_kept
 from .storage import RaggedKV
 
@@ -88,6 +88,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos_next: torch.Tensor | None = None
         self.decode_state = None
         self.cascade_scores: torch.Tensor | None = None  # [B, H, rows] scores of held rows (cross-layer only)
+        self.context_scores: torch.Tensor | None = None  # [B, H, rows] a context scorer's running scores
 
     # -- the transformers cache-layer interface ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -133,6 +134,8 @@ class AdaKVLayer(CacheLayerMixin):
         """Attention output ``[B, Q, H_q, D]`` of ``query`` ``[B, H_q, Q, D]`` whose new tokens' K/V are ``keys``/
         ``values`` ``[B, H_kv, Q, D]``; ``valid`` bool ``[B, Q]`` (None: all real); ``dense()`` is the model's
         own attention over the new tokens alone (used for a first prompt chunk)."""
+        if self.shared.phase.mode == "score":
+            return self._scoring_pass(module, query, keys, values, valid, scaling, softcap)
         if self.store is None:
             return self._first_chunk(module, query, keys, values, valid, scaling, softcap, dense)
         if self.shared.phase.compressing:
@@ -158,7 +161,10 @@ class AdaKVLayer(CacheLayerMixin):
         positions = (torch.cumsum(valid.long(), -1) - 1).masked_fill(~valid, -1)[:, None].expand(-1, heads, -1)
         valid_heads = valid[:, None].expand(-1, heads, -1)
         inputs = self._inputs(query, keys, values, valid_heads, positions, scaling, softcap, module)
-        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
+        if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
+            choice = Choice(valid_heads.clone())
+        else:
+            choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
         self.store = RaggedKV.from_dense(keys, values, choice.keep, ops=self.ops)
         self._compacted(inputs, choice)
 
@@ -168,6 +174,8 @@ class AdaKVLayer(CacheLayerMixin):
         if valid is not None:
             _check_left_padding(valid, self.n_real)
         out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
+        if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
+            return out
         store = self.store
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
@@ -197,6 +205,75 @@ class AdaKVLayer(CacheLayerMixin):
         if observe and self.decode_state is not None:
             self.decode_state.after_append(self, module, q, scaling, softcap, hidden)
         return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
+
+    # -- context scorers (KVzip): scoring passes, then one selection -------------------------------------------------
+    def _scoring_pass(self, module, query, keys, values, valid, scaling, softcap) -> torch.Tensor:
+        """Attend as usual over the held context plus the pass's tokens, show the scorer what this layer saw,
+        then forget the pass's tokens."""
+        store = self.store
+        before, real_before = store.lengths(), self.n_real.clone()
+        out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
+        bsz, h_q, q_len, dim = query.shape
+        heads = store.shape[1]
+        q = query.reshape(bsz, heads, h_q // heads, q_len, dim)
+        k_rows, v_rows, positions = self._rows(store.keys), self._rows(store.values), self._positions(view=False)
+        if valid is None:
+            valid = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
+        count = torch.cumsum(valid.long(), -1)
+        hidden = count[:, -1:] - count  # the pass's valid tokens after query i
+        offs = torch.arange(k_rows.shape[2], device=query.device)
+        visible = offs < (store.length[:, :, None] - hidden[:, None, :])[..., None]  # [B, H, Q, M]
+        phase = self.shared.phase
+        seen = PassAttention(
+            q=q,
+            keys=k_rows,
+            values=v_rows,
+            positions=positions,
+            context_rows=before.to(query.device),
+            visible=visible,
+            query_valid=valid,
+            span=phase.scoring,
+            hidden_states=phase.hidden.get(id(module)),
+            module=module,
+            scaling=scaling,
+            softcap=softcap,
+        )
+        self.context_scores = self.policy.selection.scorer.observe(seen, self.context_scores)
+        store.truncate(before)
+        self.n_real = real_before
+        return out
+
+    def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``buffer``'s segments in row order ``[B, H, M, ...]`` (zeros past a segment's end)."""
+        store = self.store
+        width = store.max_length()
+        offs = torch.arange(width, device=store.start.device)
+        inside = offs < store.length[..., None]
+        idx = (store.start[..., None] + offs).clamp_(max=max(buffer.shape[0] - 1, 0))
+        return buffer[idx].masked_fill(~inside[..., None], 0)
+
+    def context_ranking(self, module: nn.Module):
+        """After the scoring passes: this layer's candidates (its held context, as a view) and their ranking."""
+        store = self.store
+        k_view, inside = store.view(store.keys)
+        v_view, _ = store.view(store.values)
+        query = k_view.new_zeros(k_view.shape[0], k_view.shape[1], 0, k_view.shape[-1])
+        inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), 1.0, None, module)
+        width = k_view.shape[2]
+        scores = self.context_scores[..., :width]
+        if scores.shape[-1] < width:
+            scores = torch.nn.functional.pad(scores, (0, width - scores.shape[-1]))
+        pad = width - store.length[..., None]
+        offs = torch.arange(width, device=scores.device)
+        scores = scores.gather(-1, (offs - pad).clamp(min=0)).masked_fill(offs < pad, 0.0)  # rows -> view
+        scorer = self.policy.selection.scorer
+        return inputs, scorer.finalize(scores, inputs)
+
+    def settle_context(self, inputs: ScoreInputs, choice: Choice) -> None:
+        """Compact the held context with ``choice`` (over ``inputs``' view) once every pass was observed."""
+        self.store.replace(inputs.keys, inputs.values, choice.keep)
+        self.context_scores = None
+        self._compacted(inputs, choice)
 
     # -- evicting -------------------------------------------------------------------------------------------------
     def _inputs(self, query, keys, values, valid, positions, scaling, softcap, module) -> ScoreInputs:

@@ -11,6 +11,7 @@ from torch import nn
 from .cascade import Cascade
 from .decode import DecodePolicy
 from .prompt import PromptPhase
+from .scorers import ContextScorer
 from .selection import Selection
 
 
@@ -53,5 +54,5 @@ class SharedState:
     cross-layer cascade when the allocator splits one budget over layers."""
 
     def __init__(self, policy: CachePolicy):
-        self.phase = PromptPhase()
+        self.phase = PromptPhase(isinstance(policy.selection.scorer, ContextScorer))
         self.cascade = Cascade(policy.selection.allocator) if policy.selection.cross_layer else None

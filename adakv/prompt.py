@@ -39,11 +39,22 @@ class PromptPhase:
     compressed document, a second chat turn) its tokens are appended and kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, context_scorer: bool = False) -> None:
         self.explicit = 0  # depth of cache.compressing() blocks
         self.compressing = False
+        self.context_scorer = context_scorer  # the scorer needs adakv.compress_context
+        # set by adakv.compress_context: "hold" (keep every context token) or "score" (a scoring pass)
+        self.mode: str | None = None
+        self.scoring = None  # the current ScoringPass
+        self.hidden: dict[int, torch.Tensor] = {}  # attention modules' inputs during a pass, by id(module)
 
     def begin_forward(self, q_len: int, first: bool, window: int) -> None:
+        if first and self.context_scorer and self.mode is None:
+            raise ValueError(
+                "This cache's scorer scores a context with extra forward passes (e.g. KVzip's reconstruction): "
+                "compress the context with adakv.compress_context(model, cache, context_ids, tokenizer=...), then "
+                "generate from the cache."
+            )
         chunk = None
         if q_len > 1 and not self.explicit:
             chunk = generate_chunk_size()
@@ -53,7 +64,7 @@ class PromptPhase:
                     f"({window} tokens), which must fit in a chunk. Use prefill_chunk_size >= {window}, or a smaller "
                     "window=."
                 )
-        self.compressing = first or self.explicit > 0 or chunk is not None
+        self.compressing = first or self.explicit > 0 or chunk is not None or self.mode == "hold"
 
 
 @contextmanager

@@ -58,6 +58,17 @@ class Choice:
     ranked: torch.Tensor | None = None
 
 
+@dataclass
+class Ranking:
+    """One layer's candidates ready for an allocator: ``ranked`` ``[B, H, L]`` (+inf kept by rule, -inf padding),
+    the scorer's ``raw`` scores, the per-head ``budget`` ``[B]`` and the sequences that keep everything (``whole``)."""
+
+    ranked: torch.Tensor
+    raw: torch.Tensor
+    budget: torch.Tensor
+    whole: torch.Tensor
+
+
 class Selection:
     """Decides which tokens each (sequence, KV head) of a layer keeps: budget -> scorer -> allocator.
 
@@ -94,37 +105,53 @@ class Selection:
         per_head = self.allocator.layer_budget(per_head, n_seen, layer, num_layers, self.window)
         return per_head.clamp(min=1).minimum(n_seen.clamp(min=1))
 
-    def select(self, inputs: ScoreInputs, n_seen: torch.Tensor, cascade: Cascade | None = None) -> Choice:
-        """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``."""
+    def rank(self, inputs: ScoreInputs, n_seen: torch.Tensor, scores: torch.Tensor | None = None) -> Ranking | None:
+        """The scores the allocator ranks (+inf where kept by rule, -inf at padding) and the budgets; None when
+        every sequence keeps all its candidates. ``scores``: use these instead of calling the scorer."""
         valid = inputs.valid
-        bsz, heads, seq, _ = inputs.keys.shape
+        heads, seq = inputs.keys.shape[1], inputs.keys.shape[2]
         per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers)
-        available = valid.sum((1, 2)).cpu()
-        whole = per_head * heads >= available  # [B]
+        whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
         if bool(whole.all()):
-            return Choice(valid.clone())
-        out = self.scorer(inputs)
+            return None
+        out = self.scorer(inputs) if scores is None else scores
         protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
         from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
         protected = (from_end[None, :] < protect[:, None])[:, None, :]  # right-aligned: the window is the tail
         budget = per_head.to(valid.device)
         if isinstance(out, StagedScores):
-            first = self._prepare(out.first, heads, protected, valid)
+            first = self._prepare(out.first, protected, valid)
             # the first stage chooses its fraction of the budget left after the window, as in the paper's code
             stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
             protected = protected | self.allocator(first, stage1)
             raw = out.second.float()
         else:
             raw = out.float()
-        ranked = self._prepare(raw, heads, protected, valid)
-        if cascade is not None:
-            keep = cascade.compete(inputs.layer, ranked, budget, whole.to(valid.device))
-        else:
-            keep = self.allocator(ranked, budget)
-        keep = torch.where(whole.to(valid.device)[:, None, None], valid, keep & valid)
-        return Choice(keep, raw, ranked)
+        return Ranking(self._prepare(raw, protected, valid), raw, budget, whole.to(valid.device))
 
-    def _prepare(self, scores: torch.Tensor, heads: int, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def select(
+        self,
+        inputs: ScoreInputs,
+        n_seen: torch.Tensor,
+        cascade: Cascade | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> Choice:
+        """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``.
+
+        ``cascade``: the cross-layer cascade this layer competes in; ``scores``: use these instead of calling
+        the scorer (a context scorer's finalized scores)."""
+        valid = inputs.valid
+        ranking = self.rank(inputs, n_seen, scores)
+        if ranking is None:
+            return Choice(valid.clone())
+        if cascade is not None:
+            keep = cascade.compete(inputs.layer, ranking.ranked, ranking.budget, ranking.whole)
+        else:
+            keep = self.allocator(ranking.ranked, ranking.budget)
+        keep = torch.where(ranking.whole[:, None, None], valid, keep & valid)
+        return Choice(keep, ranking.raw, ranking.ranked)
+
+    def _prepare(self, scores: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""
         expected = tuple(valid.shape)
         if tuple(scores.shape) != expected:

@@ -124,6 +124,16 @@ class RaggedKV:
         self._min_free = self._free()
         self.length += q_len if valid is None else added.to(self.length.device)
 
+    def truncate(self, length: torch.Tensor) -> None:
+        """Forget every row past ``length`` ``[B, H]`` (host int64) in each segment: tokens appended only for a
+        scoring pass. Capacity is kept."""
+        length = length.to("cpu", torch.int64)
+        if bool((length > self._length_host).any()):
+            raise ValueError("truncate can only shorten segments.")
+        self._length_host = length.clone()
+        self.length = length.to(self.length.device, copy=True)
+        self._min_free = self._free()
+
     def view(self, buffer: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense ``[B, H, M, ...]`` copy of ``buffer``'s segments, right-aligned (a segment's last token in
         column M - 1, shorter segments padded at the front), and its in-segment mask ``[B, H, M]``.

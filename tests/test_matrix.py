@@ -5,9 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_model
+from tiny_models import ToyTokenizer, padded_batch, tiny_model
 
-from adakv import ALLOCATORS, METHODS, SCORERS, AdaKV, AdaKVCache, LayerAdaptive, PyramidKV, Uniform
+from adakv import (
+    ALLOCATORS,
+    METHODS,
+    SCORERS,
+    AdaKV,
+    AdaKVCache,
+    ContextScorer,
+    LayerAdaptive,
+    PyramidKV,
+    Uniform,
+    compress_context,
+)
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK
 
@@ -48,6 +59,9 @@ def _check(cache: AdaKVCache, mask: torch.Tensor) -> None:
 
 def _run(cache: AdaKVCache, chunk: int | None) -> torch.Tensor:
     ids, mask = padded_batch(seq_len=SEQ, pad=PAD)
+    if isinstance(cache.selection.scorer, ContextScorer):  # scored by passes over the context (KVzip)
+        compress_context(MODEL, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer(), chunk_size=chunk)
+        return mask
     kwargs = {} if chunk is None else {"prefill_chunk_size": chunk}
     with torch.no_grad():
         MODEL.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False, **kwargs)

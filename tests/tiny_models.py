@@ -66,3 +66,12 @@ def padded_batch(seq_len: int = 48, pad: int = 7, seed: int = 0, vocab: int = 25
     ids[0, :pad] = 0
     mask[0, :pad] = 0
     return ids.to(DEVICE), mask.to(DEVICE)
+
+
+class ToyTokenizer:
+    """Enough of a tokenizer for prompts a scorer builds (KVzip's) on a tiny model: no chat template."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + (ord(c) * 7) % 250 for c in text.strip()][:6] or [3]

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import torch
 import transformers
 
-from ..compression import check_budget
+from ..selection import check_budget
 from ..methods import METHODS
 from ..models import MODELS, default_cache_dir
 from ..models import load_model as load_registered

@@ -95,8 +95,8 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int | None]]:
         result["peak"] = max(peak[0], _rss()) - base
 
 
-# the layer's method that scores, selects and compacts a prompt (named ``compress`` in earlier versions)
-_COMPRESS = next(name for name in ("compress_dense", "compress") if hasattr(AdaKVLayer, name))
+# the layer's method that scores, selects and compacts a (first) prompt chunk
+_COMPRESS = "compress_dense"
 
 
 @contextlib.contextmanager
@@ -197,7 +197,14 @@ def measure(
 
 
 METRICS = (
-    "kv_bytes", "peak_bytes", "prefill_s", "compress_s", "decode_tokens", "decode_ms", "decode_p50_ms", "decode_p99_ms"
+    "kv_bytes",
+    "peak_bytes",
+    "prefill_s",
+    "compress_s",
+    "decode_tokens",
+    "decode_ms",
+    "decode_p50_ms",
+    "decode_p99_ms",
 )
 RATIOS = ("kv_bytes", "peak_bytes", "prefill_s", "decode_ms", "decode_p50_ms", "decode_p99_ms")
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from .base import ScoreInputs, Scorer, StagedScores, window_attention
+from .base import ContextScorer, PassAttention, ScoreInputs, Scorer, ScoringPass, StagedScores, window_attention
 from .criticalkv import CriticalKV
 from .defensivekv import DefensiveKV
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .knorm import KeyNorm
+from .kvzip import KVzip
 from .random_scores import Random
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tova import TOVA
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (SnapKV, H2O, CriticalKV, DefensiveKV, StreamingLLM, KeyNorm, TOVA, Random)
+    cls.name: cls
+    for cls in (SnapKV, H2O, CriticalKV, DefensiveKV, ExpectedAttention, StreamingLLM, KeyNorm, TOVA, Random, KVzip)
 }
 
 
@@ -34,9 +37,14 @@ def get_scorer(spec: str | Scorer) -> Scorer:
 __all__ = [
     "SCORERS",
     "TOVA",
+    "ContextScorer",
+    "PassAttention",
+    "ScoringPass",
     "CriticalKV",
     "DefensiveKV",
+    "ExpectedAttention",
     "H2O",
+    "KVzip",
     "KeyNorm",
     "Random",
     "ScoreInputs",

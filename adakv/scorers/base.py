@@ -94,6 +94,81 @@ class Scorer(ABC):
         return f"{type(self).__name__}({params})"
 
 
+@dataclass
+class ScoringPass:
+    """One scoring forward of a :class:`ContextScorer`: token ids and mask ``[B, n]`` placed after the context,
+    and the context positions it scores, ``[span_start[b], span_end[b])`` for sequence b."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    span_start: torch.Tensor
+    span_end: torch.Tensor
+
+
+@dataclass
+class PassAttention:
+    """What one compressed layer saw during a scoring pass, handed to :meth:`ContextScorer.observe`.
+
+    ``q``: the pass's queries ``[B, H_kv, G, Q, D]``; ``keys``/``values``: the layer's rows ``[B, H_kv, M, D]``
+    (the context's held rows, then the pass's own, zeros past a segment's end); ``positions`` ``[B, H_kv, M]``
+    (-1 past the end); ``context_rows`` ``[B, H_kv]``: rows before this count are context, after it the
+    pass's own; ``visible`` ``[B, H_kv, Q, M]``: what each query attends to (causal among its own tokens);
+    ``query_valid`` ``[B, Q]``: False at the pass's padding; ``span``: the context positions this pass scores
+    (``ScoringPass``); ``hidden_states`` ``[B, Q, hidden]``:
+    the attention module's input for the pass (None unless the scorer asks for it); ``module``, ``scaling``,
+    ``softcap`` as in :class:`ScoreInputs`.
+    """
+
+    q: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    context_rows: torch.Tensor
+    visible: torch.Tensor
+    query_valid: torch.Tensor
+    span: ScoringPass
+    hidden_states: torch.Tensor | None
+    module: nn.Module
+    scaling: float
+    softcap: float | None
+
+
+class ContextScorer(Scorer):
+    """A scorer whose scores come from extra forward passes over the held context, such as KVzip's
+    reconstruction ("repeat the context"). Compress with :func:`adakv.compress_context`, which
+
+    1. runs the context through the model, every layer keeping all its tokens (compacted layout);
+    2. runs each :meth:`passes` input after the context: every compressed layer attends over the context
+       plus the pass's tokens as usual (so later layers see the right hidden states), hands what it saw to
+       :meth:`observe`, then forgets the pass's tokens (the stock sliding-window layers are restored too);
+    3. ranks the observed scores (:meth:`finalize`) with the cache's allocator and compacts every layer.
+
+    ``uses_hidden_states``: whether :meth:`observe` needs the attention modules' input hidden states.
+    """
+
+    uses_hidden_states: bool = False
+
+    @abstractmethod
+    def passes(self, context_ids: torch.Tensor, context_mask: torch.Tensor, tokenizer) -> list[ScoringPass]:
+        """The scoring forwards for a context ``[B, L]`` (left-padded, ``context_mask``)."""
+
+    @abstractmethod
+    def observe(self, seen: PassAttention, scores: torch.Tensor | None) -> torch.Tensor:
+        """Fold one layer's view of one pass into the running scores ``[B, H_kv, C]`` over the context rows
+        (C = the longest context segment; None at the first pass)."""
+
+    def finalize(self, scores: torch.Tensor, inputs: ScoreInputs) -> torch.Tensor:
+        """The scores ``[B, H_kv, L]`` the allocator ranks, from the observed ones aligned with ``inputs``'
+        columns (the held context). Default: as observed."""
+        return scores
+
+    def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
+        raise ValueError(
+            f"{type(self).__name__} scores a context with extra forward passes: compress it with "
+            "adakv.compress_context(model, cache, context_ids, tokenizer=...) before asking about it."
+        )
+
+
 def window_attention(inputs: ScoreInputs) -> torch.Tensor:
     """Softmax attention of the last ``w = min(window, Q)`` queries over all keys, fp32 ``[B, H_kv, G, w, L]``.
 

@@ -1,0 +1,122 @@
+"""Compressing a context whose scorer needs extra forward passes over it (KVzip's reconstruction)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .layer import AdaKVLayer
+from .prompt import prefill_in_chunks
+from .scorers import ContextScorer
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "o_proj") and isinstance(getattr(m, "layer_idx", None), int)]
+
+
+@torch.no_grad()
+def compress_context(
+    model,
+    cache,
+    context_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    tokenizer=None,
+    chunk_size: int | None = None,
+) -> None:
+    """Put a context (a document) into an empty ``cache`` and compress it, whatever the cache's scorer.
+
+    With a :class:`~adakv.scorers.ContextScorer` (KVzip) the context is first held whole, then the
+    scorer's passes run after it (their tokens are forgotten afterwards, the stock sliding-window layers
+    restored), then every compressed layer keeps what the observed scores and the allocator choose; a
+    cross-layer allocator splits one budget over all layers at once (every layer's scores exist by then).
+    With any other scorer it is a plain (or chunked, ``chunk_size``) prefill. Afterwards the cache holds the
+    compressed context: ``model.generate(full_ids, past_key_values=cache)`` appends the question.
+    ``tokenizer``: what the scorer builds its passes' prompts with (KVzip needs it).
+    """
+    if cache.get_seq_length():
+        raise ValueError("compress_context needs an empty cache (a new AdaKVCache, or cache.reset()).")
+    if context_ids.dim() != 2:
+        raise ValueError(f"context_ids must be [batch, seq], got shape {tuple(context_ids.shape)}.")
+    mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
+    if mask.shape != context_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match context_ids {tuple(context_ids.shape)}.")
+    scorer = cache.selection.scorer
+    if not isinstance(scorer, ContextScorer):
+        if chunk_size is None:
+            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        else:
+            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
+        return
+    passes = scorer.passes(context_ids, mask, tokenizer)  # checks the tokenizer before any work
+    phase = cache.shared.phase
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    hooks = []
+    try:
+        phase.mode = "hold"
+        if chunk_size is None:
+            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        else:
+            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
+        stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
+        seen = [layer.seen for layer in layers]
+        n_real = mask.sum(-1)
+        phase.mode = "score"
+        if scorer.uses_hidden_states:
+            for module in _attention_modules(model):
+                hooks.append(module.register_forward_pre_hook(_keep_hidden(phase), with_kwargs=True))
+        for step in passes:
+            phase.scoring = step
+            ids, pass_mask = step.ids.to(context_ids.device), step.mask.to(context_ids.device)
+            full_mask = torch.cat([mask, pass_mask], -1)
+            # positions continue after each sequence's real context tokens
+            position_ids = n_real[:, None] + (torch.cumsum(pass_mask, -1) - 1).clamp(min=0)
+            model(ids, attention_mask=full_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            for i, layer in stock.items():  # the pass's tokens are forgotten by the stock layers too
+                cache.layers[i] = copy.deepcopy(layer)
+            for layer, count in zip(layers, seen):
+                layer.seen = count
+            phase.hidden.clear()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        phase.mode, phase.scoring = None, None
+        phase.hidden.clear()
+    _settle(cache, layers, _attention_modules(model))
+
+
+def _keep_hidden(phase):
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        phase.hidden[id(module)] = hidden
+        return None
+
+    return hook
+
+
+def _settle(cache, layers: list[AdaKVLayer], modules: list[torch.nn.Module]) -> None:
+    """One selection per layer from the observed scores; with a cross-layer allocator, one over all layers."""
+    from .selection import Choice
+
+    by_index = {m.layer_idx: m for m in modules}
+    selection = cache.selection
+    ranked = []
+    for idx, layer in enumerate(cache.layers):
+        if isinstance(layer, AdaKVLayer):
+            inputs, scores = layer.context_ranking(by_index.get(idx))
+            ranked.append((layer, inputs, scores))
+    if not selection.cross_layer:
+        for layer, inputs, scores in ranked:
+            layer.settle_context(inputs, selection.select(inputs, layer.n_real, scores=scores))
+        return
+    rankings = [selection.rank(inputs, layer.n_real, scores) for layer, inputs, scores in ranked]
+    if any(r is None for r in rankings):  # within budget: every layer keeps its context whole
+        for layer, inputs, _ in ranked:
+            layer.settle_context(inputs, Choice(inputs.valid.clone()))
+        return
+    heads = rankings[0].ranked.shape[1]
+    total = rankings[0].budget * heads * len(rankings)
+    masks = selection.allocator.across_layers([r.ranked for r in rankings], total)
+    for (layer, inputs, _), r, mask in zip(ranked, rankings, masks):
+        keep = torch.where(r.whole[:, None, None], inputs.valid, mask & inputs.valid)
+        layer.settle_context(inputs, Choice(keep, r.raw, r.ranked))

@@ -1,0 +1,122 @@
+"""KVzip through adakv.compress_context: scoring passes, then one selection; checked against a dense simulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ToyTokenizer, padded_batch, tiny_model
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from adakv import AdaKVCache, KVzip, compress_context
+from adakv.layer import AdaKVLayer
+
+pytestmark = pytest.mark.fast
+RECORDED: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _recording(module, query, key, value, attention_mask, **kwargs):
+    RECORDED.append((query.detach().clone(), key.detach().clone()))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("test_kvzip_recording", _recording)
+AttentionMaskInterface.register("test_kvzip_recording", sdpa_mask)
+
+
+def test_kvzip_matches_a_dense_simulation():
+    """One layer, one KV head (4 query heads): the kept positions are the top scores of an independent dense
+    computation of KVzip's reconstruction scores, and decoding afterwards equals a DynamicCache model whose
+    evicted positions are masked out."""
+    ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
+    ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
+    ref.set_attn_implementation("test_kvzip_recording")
+    length, budget, window, sinks = 40, 14, 3, 2
+    scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3)
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(2)).to(ours.device)
+    cache = AdaKVCache(ours, budget, scorer=scorer, allocator="uniform", window=window)
+    tok = ToyTokenizer()
+    compress_context(ours, cache, ids, tokenizer=tok)
+
+    dense = DynamicCache(config=ref.config)
+    scaling = ref.model.layers[0].self_attn.scaling
+    with torch.no_grad():
+        ref(ids, past_key_values=dense)
+        scores = torch.zeros(length, dtype=torch.float64)
+        for step in scorer.passes(ids, torch.ones_like(ids), tok):
+            n = step.ids.shape[1]
+            RECORDED.clear()
+            ref(step.ids, past_key_values=dense, position_ids=torch.arange(length, length + n)[None])
+            q, k = RECORDED[-1][0][0].double(), RECORDED[-1][1][0, 0].double()  # [G, n, D], [L + n, D]
+            dense.crop(-n)
+            lo, hi = int(step.span_start[0]), int(step.span_end[0])
+            cols = torch.zeros(length + n, dtype=torch.bool)
+            cols[:sinks] = True
+            cols[lo:hi] = True
+            cols[length:] = True
+            logits = q @ k.T * scaling  # [G, n, L + n]
+            causal = torch.arange(length + n)[None, :] <= torch.arange(length, length + n)[:, None]
+            probs = torch.softmax(logits.masked_fill(~(causal & cols), float("-inf")), -1)
+            scores[lo:hi] = torch.maximum(scores[lo:hi], probs[:, :, lo:hi].amax((0, 1)))
+    scores[:sinks] = float("inf")
+    scores[length - window :] = float("inf")
+    expected = sorted(scores.topk(budget).indices.tolist())
+    layer = cache.layers[0]
+    assert layer._positions(view=False)[0, 0].tolist() == expected
+    assert cache.get_seq_length() == length
+
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[0, expected] = 1
+    with torch.no_grad():
+        nxt = torch.tensor([[7]])
+        for pos in range(length, length + 6):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], -1)
+            a = ours(nxt, past_key_values=cache).logits
+            b = ref(nxt, attention_mask=mask, past_key_values=dense).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            nxt = a.argmax(-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_kvzip_batch_padding_global_budget_and_restored_stock_layers(family, normalize):
+    model = tiny_model(family)
+    ids, mask = padded_batch(seq_len=70, pad=12)
+    cache = AdaKVCache(model, 0.3, scorer=KVzip(chunk_size=24, normalize=normalize), allocator="layer-adaptive")
+    compress_context(model, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer())
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=reference)
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    heads = model.config.num_key_value_heads
+    per_head = torch.floor(mask.sum(-1) * 0.3 + 0.5).long()
+    kept = torch.stack([layer.kept_lengths() for layer in layers])
+    assert kept.sum((0, 2)).tolist() == (per_head * heads * len(layers)).tolist()  # one budget over layers
+    for layer in layers:
+        rows = layer._positions(view=False)
+        held = rows[rows >= 0]
+        assert (held < mask.sum(-1).max()).all()  # no pass token left behind
+        assert layer.context_scores is None and cache.get_seq_length() == 70
+    for mine, theirs in zip(cache.layers, reference.layers):
+        if not isinstance(mine, AdaKVLayer):  # sliding-window layers: exactly the context's, pass tokens gone
+            assert torch.equal(mine.keys, theirs.keys)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 75)
+
+
+def test_kvzip_errors():
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    cache = AdaKVCache(model, 0.3, scorer="kvzip")
+    with pytest.raises(ValueError, match="compress the context with adakv.compress_context"), torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        compress_context(model, AdaKVCache(model, 0.3, scorer="kvzip"), ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="KVzip chunk_size must be an int >= 1"):
+        KVzip(chunk_size=0)
+    full = AdaKVCache(model, 0.3)
+    compress_context(model, full, ids, attention_mask=mask)  # any other scorer: a plain prefill
+    with pytest.raises(ValueError, match="needs an empty cache"):
+        compress_context(model, full, ids, attention_mask=mask)
