@@ -121,6 +121,10 @@ class AdaKVCache(Cache):
             and torch elsewhere), fixed when the cache is built.
         prefill_attention: a :class:`~adakv.policy.PrefillAttention` (e.g. CritiPrefill) computing
             the first prompt chunk's attention instead of the model's dense attention.
+        reserve: rows reserved in every segment at each compaction for the tokens to come (e.g. the
+            ``max_new_tokens`` of a generation). Until a segment's reserve is used up, a decode step has fixed
+            shapes and no host tensor op, so ``torch.compile(fullgraph=True)`` traces it without a break and a
+            CUDA graph can replay it. None: a 16-row slack that grows geometrically (less memory).
 
     A prompt may come in chunks: inside ``with cache.compressing():`` or
     ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after
@@ -141,6 +145,7 @@ class AdaKVCache(Cache):
         decode: str | DecodePolicy | None = None,
         backend: str | None = None,
         prefill_attention: PrefillAttention | None = None,
+        reserve: int | None = None,
     ):
         if method is not None:
             if scorer is not None or allocator is not None:
@@ -159,7 +164,11 @@ class AdaKVCache(Cache):
                 f"{type(prefill_attention).__name__}."
             )
         backend = check_backend(backend) if backend is not None else default_backend()
-        policy = CachePolicy(selection, decode_obj, backend, prefill_attention)
+        if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0):
+            raise ValueError(
+                f"reserve must be None or an int >= 0 (rows per segment for the tokens to come), got {reserve!r}."
+            )
+        policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
         text_config = config.get_text_config(decoder=True)

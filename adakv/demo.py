@@ -15,9 +15,9 @@ import torch
 from transformers import DynamicCache
 
 from . import AdaKVCache, kv_bytes
-from .selection import check_budget
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
+from .selection import check_budget
 
 
 def _budget(text: str) -> float | int:

@@ -12,7 +12,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .kernels import backend
 from .scorers import PassAttention, ScoreInputs
 from .selection import Choice, pack_kept
-from .storage import RaggedKV
+from .storage import MIN_SLACK, RaggedKV
 
 if TYPE_CHECKING:
     from .policy import CachePolicy, SharedState
@@ -34,6 +34,8 @@ class KVHandle:
         self.values = values
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocol lookups (copy, torch.compile) are not tensor use
+            raise AttributeError(name)
         raise ValueError(
             "An AdaKVCache's keys reached an attention function that is not adakv's (it asked them for "
             f"{name!r}): the cache was given to a model it was not created for, or whose attention implementation "
@@ -80,7 +82,8 @@ class AdaKVLayer(CacheLayerMixin):
         self.store: RaggedKV | None = None
         self.ops = None  # the backend's ops, resolved once from the first tensor's device
         self.seen = 0
-        self.n_real: torch.Tensor | None = None  # [B] host int64: real tokens each sequence has seen
+        self._n_real: torch.Tensor | None = None  # [B] host int64: real tokens each sequence has seen
+        self._decoded = 0  # decoded tokens not yet added to _n_real (a Python int: no tensor op per step)
         # Positions of held rows, kept lazily: rows < pos_count[b, h] are in pos_rows; later rows were appended
         # after the last compaction, in order, so their positions count on from pos_next[b].
         self.pos_rows: torch.Tensor | None = None
@@ -89,6 +92,18 @@ class AdaKVLayer(CacheLayerMixin):
         self.decode_state = None
         self.cascade_scores: torch.Tensor | None = None  # [B, H, rows] scores of held rows (cross-layer only)
         self.context_scores: torch.Tensor | None = None  # [B, H, rows] a context scorer's running scores
+
+    @property
+    def n_real(self) -> torch.Tensor | None:
+        """Real (unpadded) tokens each sequence has seen, host int64 ``[B]``."""
+        if self._decoded and self._n_real is not None:
+            self._n_real = self._n_real + self._decoded
+            self._decoded = 0
+        return self._n_real
+
+    @n_real.setter
+    def n_real(self, value: torch.Tensor | None) -> None:
+        self._n_real, self._decoded = value, 0
 
     # -- the transformers cache-layer interface ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -165,7 +180,7 @@ class AdaKVLayer(CacheLayerMixin):
             choice = Choice(valid_heads.clone())
         else:
             choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
-        self.store = RaggedKV.from_dense(keys, values, choice.keep, ops=self.ops)
+        self.store = RaggedKV.from_dense(keys, values, choice.keep, slack=self._slack(), ops=self.ops)
         self._compacted(inputs, choice)
 
     def _next_chunk(self, module, query, keys, values, valid, scaling, softcap) -> torch.Tensor:
@@ -193,15 +208,22 @@ class AdaKVLayer(CacheLayerMixin):
             valid = None
         self.cascade_scores = None  # they describe the rows of the last prompt chunk only
         store.append(keys, values, valid)
-        self.n_real += q_len if valid is None else valid.sum(-1).to("cpu", torch.int64)
+        if valid is None:
+            self._decoded += q_len
+        else:
+            self.n_real = self.n_real + valid.sum(-1).to("cpu", torch.int64)
         hidden = None
         if valid is not None:
             count = torch.cumsum(valid.long(), -1)
             hidden = count[:, -1:] - count  # valid new tokens after query i, invisible to it
         q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
-        out = self.ops.ragged_attention(
-            q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.max_length()
-        )
+        if self.policy.reserve is not None and store.max_length() <= store.width:
+            # fixed width (the widest segment's capacity) and device metadata only: traceable, capturable
+            attend = self.ops.ragged_attention_static
+            width = store.width
+        else:
+            attend, width = self.ops.ragged_attention, store.max_length()
+        out = attend(q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, width)
         if observe and self.decode_state is not None:
             self.decode_state.after_append(self, module, q, scaling, softcap, hidden)
         return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
@@ -276,6 +298,10 @@ class AdaKVLayer(CacheLayerMixin):
         self._compacted(inputs, choice)
 
     # -- evicting -------------------------------------------------------------------------------------------------
+    def _slack(self) -> int:
+        reserve = self.policy.reserve
+        return MIN_SLACK if reserve is None else max(MIN_SLACK, reserve)
+
     def _inputs(self, query, keys, values, valid, positions, scaling, softcap, module) -> ScoreInputs:
         window = self.policy.selection.window
         return ScoreInputs(

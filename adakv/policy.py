@@ -40,13 +40,16 @@ class CachePolicy:
 
     selection: budget, scorer, allocator, window; decode: what happens while decoding (None keeps every
     decoded token); backend: the kernels' backend name (None: Triton on CUDA, torch elsewhere), resolved
-    per layer from the first tensor's device; prefill_attention: None for the model's own attention.
+    per layer from the first tensor's device; prefill_attention: None for the model's own attention;
+    reserve: rows reserved per segment at every compaction for the tokens to come (None: a small slack
+    that grows geometrically). With a reserve, a decode step has fixed shapes and no host tensor op.
     """
 
     selection: Selection
     decode: DecodePolicy | None = None
     backend: str | None = None
     prefill_attention: PrefillAttention | None = None
+    reserve: int | None = None
 
 
 class SharedState:

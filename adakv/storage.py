@@ -35,14 +35,32 @@ class RaggedKV:
         self.ops = ops if ops is not None else ops_for(keys)
         self.keys = keys
         self.values = values
+        self.slack = MIN_SLACK  # rows every segment gets past its tokens when re-laid out
         self._length_host = length.to("cpu", torch.int64)
         self._cap_host = capacity.to("cpu", torch.int64)
+        self.width = int(self._cap_host.max()) if self._cap_host.numel() else 0  # the widest segment can hold
         self._start_host = torch.cumsum(self._cap_host.reshape(-1), 0).reshape(self._cap_host.shape) - self._cap_host
         self._min_free = self._free()  # rows every segment can still take: decoding checks one int, not tensors
         device = keys.device
         # copies (not aliases, even on CPU): the host and device metadata are updated separately
         self.length = self._length_host.to(device, copy=True)
         self.start = self._start_host.to(device, copy=True)
+
+    # Host lengths are folded lazily: a decoded token (the same count appended to every segment) only bumps
+    # Python ints, so a decode step runs no host tensor op and can be traced or captured in a CUDA graph.
+    @property
+    def _length_host(self) -> torch.Tensor:
+        if self._pending:  # every segment grew by the same count: so did the longest
+            self._lengths_cpu = self._lengths_cpu + self._pending
+            self._max_base += self._pending
+            self._pending = 0
+        return self._lengths_cpu
+
+    @_length_host.setter
+    def _length_host(self, value: torch.Tensor) -> None:
+        self._lengths_cpu = value
+        self._pending = 0
+        self._max_base = int(value.max()) if value.numel() else 0
 
     # -- construction -------------------------------------------------------------
     @staticmethod
@@ -63,6 +81,7 @@ class RaggedKV:
         capacity = length + slack
         total = int(capacity.sum())
         store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity, ops)
+        store.slack = slack
         store.ops.compact_(store.keys, store.values, keys, values, keep, store.start)
         return store
 
@@ -76,8 +95,8 @@ class RaggedKV:
         return self._length_host.clone()
 
     def max_length(self) -> int:
-        """The longest segment, from the host copy (no device sync)."""
-        return int(self._length_host.max()) if self._length_host.numel() else 0
+        """The longest segment, from the host bookkeeping (no device sync, no tensor op)."""
+        return self._max_base + self._pending
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -99,6 +118,7 @@ class RaggedKV:
             length = length[idx_host]
         total = int(capacity.sum())
         new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity, self.ops)
+        new.slack = self.slack
         self.ops.copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
         self.__dict__.update(new.__dict__)
 
@@ -107,7 +127,7 @@ class RaggedKV:
         q_len = new_k.shape[2]
         if valid is None and q_len <= self._min_free:  # decoding: room everywhere, no tensor op on the host
             self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length)
-            self._length_host += q_len
+            self._pending += q_len
             self._min_free -= q_len
             self.length += q_len  # a scalar: no host-to-device copy (that would sync) per decoded token
             return
@@ -117,10 +137,10 @@ class RaggedKV:
             added = valid.sum(-1, keepdim=True).to("cpu", torch.int64)
         needed = self._length_host + added
         if bool((needed > self._cap_host).any()):
-            slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=MIN_SLACK)
+            slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=self.slack)
             self._relayout(needed + slack)
         self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
-        self._length_host += added
+        self._length_host = self._length_host + added
         self._min_free = self._free()
         self.length += q_len if valid is None else added.to(self.length.device)
 
@@ -163,7 +183,7 @@ class RaggedKV:
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
         """Re-lay out the storage with the tokens ``keep`` selects from a dense ``[B, H, M, D]`` view."""
-        new = RaggedKV.from_dense(keys, values, keep, ops=self.ops)
+        new = RaggedKV.from_dense(keys, values, keep, slack=self.slack, ops=self.ops)
         self.__dict__.update(new.__dict__)
 
     def select_batch(self, index: torch.Tensor) -> None:

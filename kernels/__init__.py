@@ -34,11 +34,15 @@ def _triton_ops() -> SimpleNamespace:
         copy_segments_=copy.copy_segments_,
         append_=copy.append_,
         ragged_attention=attn.ragged_attention,
+        ragged_attention_static=attn.ragged_attention,  # its grid comes from max_len: fixed when given a fixed width
     )
 
 
 _REFERENCE = SimpleNamespace(name="torch", **{op: getattr(reference, op) for op in _OPS})
 _REFERENCE.ragged_attention = torch_ragged.ragged_attention  # the copy-free CPU version; reference.py stays the oracle
+# fixed shapes for a given max_len and no host reads: what torch.compile / CUDA graphs need (torch_ragged loops on
+# host metadata)
+_REFERENCE.ragged_attention_static = reference.ragged_attention
 
 
 def default_backend() -> str | None:

@@ -2,16 +2,21 @@
 
   adakv-bench quality --model smollm2 --tasks niah_single variable_tracking \\
       --methods ada-snapkv snapkv --budgets 0.2 0.5 --lengths 1000 --samples 4 --modes aware agnostic --out DIR
-  adakv-bench fidelity --model smollm2 --methods ada-snapkv --budgets 0.2 128 --lengths 1000 --out DIR
+  adakv-bench quality --model smollm2 --tasks niah_multikey --methods all --modes multi --out DIR
+  adakv-bench fidelity --model smollm2 --tasks summary --methods ada-snapkv --budgets 0.2 128 --lengths 1000 --out DIR
   adakv-bench speed --model smollm2 --methods ada-snapkv defensivekv --budgets 0.2 --lengths 500 1000 2000 --out DIR
   adakv-bench plot DIR
 
-quality: task score (fraction of expected answers in the greedy output). fidelity: greedy agreement with the
-full cache on the task prompts, and next-token KL vs the full cache under teacher forcing on real prose.
-Each (sample, mode) is prefilled once (adakv.replay) and every method x budget cache is built from that
-record; the full cache (DynamicCache) always runs on the same samples. Budgets: a fraction in (0, 1] or an
-integer > 1 = tokens per KV head. Modes: aware = the question is compressed with the context; agnostic = the
-context is compressed first and the question appended. speed: K/V bytes, peak memory, prefill and compression
+quality: task score (fraction of expected answers in the greedy output; needle values have 7 digits unless
+--digits). fidelity: on the task prompts (open-ended ones too: summary, continuation, asked after the document was
+compressed) greedy agreement with the full cache and teacher-forced KL / top-1 agreement on the full cache's own
+continuation; and next-token KL / top-1 under teacher forcing on real prose. Each (sample, mode) is prefilled once
+(adakv.replay) and every method x budget cache is built from that record (live with --prefill-chunk-size, or for
+scorers that need extra passes over the context); the full cache (DynamicCache) always runs on the same samples.
+Budgets: a fraction in (0, 1] or an integer > 1 = tokens per KV head. Modes: aware = the question is compressed
+with the context; agnostic = the context is compressed first and the question appended; multi (quality) = the
+context is compressed once and every question of the sample asked from a copy of the compressed cache.
+speed: K/V bytes, peak memory, prefill and compression
 time, decode ms/token over a whole greedy generate (256 tokens by default) and the median and p99 of its steps,
 each also as a ratio to a DynamicCache measured in the same run.
 Writes DIR/results.json (with the command, versions, machine and date), results.csv, summary.md and PNG figures
@@ -29,14 +34,14 @@ from typing import Any, NoReturn
 import torch
 import transformers
 
-from ..selection import check_budget
 from ..methods import METHODS
 from ..models import MODELS, default_cache_dir
 from ..models import load_model as load_registered
+from ..selection import check_budget
 from .report import _meta, _write
 from .runners import run_fidelity, run_quality
 from .speed import run_speed
-from .tasks import HAYSTACKS, TASKS, encode_sample, make_samples
+from .tasks import DEFAULT_DIGITS, HAYSTACKS, OPEN_TASKS, TASKS, encode_sample, make_samples
 
 OFFLINE_HINT = (
     "Models cannot be downloaded here. To get one offline: "
@@ -152,7 +157,7 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         help=f"a name ({', '.join(MODELS)}), a local checkpoint dir, or a hub id already in the local HF cache",
     )
     default_methods = ["ada-snapkv", "snapkv"] if kind != "speed" else ["ada-snapkv"]
-    p.add_argument("--methods", nargs="+", default=default_methods, help=f"from: {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=default_methods, help=f"from: {', '.join(METHODS)}; all: every one")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
     lengths = [1000] if kind != "speed" else [500, 1000, 2000]
     p.add_argument("--lengths", nargs="+", type=int, default=lengths, help="context lengths in tokens")
@@ -173,11 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, text in (("quality", "task scores"), ("fidelity", "greedy agreement and teacher-forced KL")):
         p = sub.add_parser(kind, help=text, description=f"{text} vs the full cache")
         _common(p, kind)
-        p.add_argument("--tasks", nargs="+", default=["niah_single"], help=f"from: {', '.join(TASKS)}")
+        tasks = list(TASKS) if kind == "quality" else [*TASKS, *OPEN_TASKS]
+        default_task = "niah_single" if kind == "quality" else "summary"
+        p.add_argument("--tasks", nargs="+", default=[default_task], help=f"from: {', '.join(tasks)}")
         p.add_argument("--samples", type=int, default=4, help="samples per task and length")
-        p.add_argument("--modes", nargs="+", choices=["aware", "agnostic"], default=["aware", "agnostic"])
+        modes = ["aware", "agnostic", "multi"] if kind == "quality" else ["aware", "agnostic"]
+        p.add_argument(
+            "--modes",
+            nargs="+",
+            choices=modes,
+            default=["aware", "agnostic"],
+            help="aware: the question is compressed with the context; agnostic: the context is compressed, then "
+            "the question appended"
+            + (
+                "; multi: the context is compressed once and every question of the sample (each needle key, chain, "
+                "person) is asked from a copy of the compressed cache"
+                if kind == "quality"
+                else ""
+            ),
+        )
         p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
-        p.add_argument("--digits", type=int, default=None, help="digits of needle/variable values (task default)")
+        p.add_argument(
+            "--digits",
+            type=int,
+            default=None,
+            help=f"digits of the needle values (default {DEFAULT_DIGITS}, RULER's; 4 = the short variant) and of "
+            "variable_tracking's values (default 5)",
+        )
+        p.add_argument(
+            "--prefill-chunk-size",
+            type=int,
+            default=None,
+            help="build every compressed cache live with a chunked prefill (adakv.prefill_in_chunks) of this many "
+            "tokens, instead of replaying one recorded one-shot prefill",
+        )
         p.add_argument(
             "--depths",
             nargs="+",
@@ -215,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    checks = [("method", args.methods, METHODS)] + ([("task", args.tasks, TASKS)] if args.kind != "speed" else [])
+    if "all" in args.methods:  # every preset, in the table's order
+        args.methods = list(dict.fromkeys(m for name in args.methods for m in (METHODS if name == "all" else [name])))
+    tasks = TASKS if args.kind == "quality" else {**TASKS, **OPEN_TASKS}
+    checks = [("method", args.methods, METHODS)] + ([("task", args.tasks, tasks)] if args.kind != "speed" else [])
     for flag, given, valid in checks:
         unknown = [name for name in given if name not in valid]
         if unknown:
@@ -227,6 +264,9 @@ def _validate(args: argparse.Namespace) -> None:
     depths = getattr(args, "depths", None) or []
     if any(not 0.0 <= d <= 1.0 for d in depths):
         _fail(f"--depths must lie in [0, 1], got {depths}.")
+    chunk = getattr(args, "prefill_chunk_size", None)
+    if chunk is not None and chunk < args.window:
+        _fail(f"--prefill-chunk-size must be >= --window ({args.window}), got {chunk}.")
 
 
 def _plot(directory: Path) -> None:
