@@ -4,22 +4,36 @@
     python benchmarks/gpu_speed.py --device cpu --layers 2 --contexts 1024 --hidden 512 --heads 8 --kv-heads 2 \
         --dtype float32 --batches 1 --out gpu_speed_cpu_smoke     # a quick run of the script itself
 
-Measures (medians over repeats, CUDA events on GPU):
-1. decode attention: achieved bandwidth of the ragged kernel (kept K/V bytes / time) vs the
-   device's measured copy bandwidth, and its time at budget 0.2 vs full-cache sdpa decode attention;
-2. compaction time as a fraction of the prefill time of one layer;
-3. end-to-end decode ms/token, AdaKVCache(0.2) vs DynamicCache, per context and batch, with
-   the memory-bound floor (weight bytes + K/V bytes) / copy bandwidth, and peak memory.
-Writes benchmarks/results/<out>.json with the command, device, versions and date.
+Measures:
+1. decode attention: achieved bandwidth of the ragged kernel (kept K/V bytes / time) vs the device's measured
+   copy bandwidth, and its time at budget 0.2 vs sdpa decode attention over the full cache (distinct K and V);
+2. compaction time as a fraction of the prefill attention time of one layer;
+3. end-to-end greedy decoding, AdaKVCache(0.2) vs DynamicCache, per context and batch: ms/token over the whole
+   decode (``--decode-steps`` tokens, so the growth re-layouts are inside it), the median and p99 of the single
+   steps, the memory-bound floor (weight bytes + K/V bytes) / copy bandwidth, and peak memory.
+
+How kernels are timed: ``--calls`` calls back to back between two CUDA events (the per-call time is the
+difference / calls; medians over ``--repeats`` such blocks), never one call between two events, which would
+measure the Python launch cost at small sizes. The calls rotate over enough independent copies of the inputs that
+they do not fit in the L2 cache together (a real decode step reads every layer's K/V cold). The same calls are
+also captured in one CUDA graph and its replay is timed (``*_graph_s``: the GPU time without launch overhead;
+null, with the reason, where capture fails). Prefill timings synchronize before reading the clock; the decode
+steps are timed by events recorded between them, read after one final synchronize.
+Writes benchmarks/results/<out>.json (or ``--out`` itself if it ends in .json) with the command, device,
+versions and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
+import math
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,76 +50,203 @@ from adakv.storage import RaggedKV
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up."""
-    fn()
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fns: Callable | Sequence[Callable], device: str, repeats: int, calls: int) -> float:
+    """Median seconds per call: ``calls`` calls back to back (rotating over ``fns``) per timed block, after a
+    warm-up call of each; ``repeats`` blocks."""
+    fns = [fns] if callable(fns) else list(fns)
+    for fn in fns:
+        fn()
+    _sync(device)
     times = []
     for _ in range(repeats):
         if device == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            fn()
+            for i in range(calls):
+                fns[i % len(fns)]()
             end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3 / calls)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for i in range(calls):
+                fns[i % len(fns)]()
+            times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
 
 
+def graph_timed(fns: Sequence[Callable], repeats: int, calls: int) -> tuple[float | None, str | None]:
+    """Seconds per call from the replay of one CUDA graph holding ``calls`` calls (rotating over ``fns``), or
+    (None, why) if the calls cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+            for fn in fns:
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+    except Exception as err:  # a host sync, a host read or an allocation the capture refuses
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    seconds = timed(graph.replay, "cuda", repeats, 1) / calls
+    del graph
+    return seconds, None
+
+
+def _l2_bytes(device: str) -> int:
+    if device != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 64 << 20))
+
+
+def copies_beyond_l2(nbytes: int, device: str, most: int = 64) -> int:
+    """How many independent copies of ``nbytes`` of inputs to rotate over so they do not stay in the L2 cache."""
+    l2 = _l2_bytes(device)
+    return 1 if l2 == 0 or nbytes <= 0 else max(1, min(most, math.ceil(3 * l2 / nbytes)))
+
+
 def copy_bandwidth(device: str, repeats: int) -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    n = (1 << 28) if device == "cuda" else (1 << 24)
+    """Bytes/s of a large device-to-device copy (read + write counted; far larger than the L2 cache)."""
+    n = (1 << 30) if device == "cuda" else (1 << 24)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * n / timed(lambda: dst.copy_(src), device, repeats)
+    return 2 * n / timed(lambda: dst.copy_(src), device, repeats, 10)
+
+
+def _uneven_lengths(ctx: int, batch: int, h_kv: int, budget: float, device: str) -> torch.Tensor:
+    """Uneven head budgets like Ada-KV's: each head between 0.5x and 1.5x the mean, same total."""
+    frac = torch.linspace(0.5, 1.5, h_kv, device=device)
+    return (frac / frac.mean() * int(ctx * budget)).long().clamp(1, ctx).expand(batch, h_kv).contiguous()
 
 
 def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict:
-    """Decode attention alone: ragged kernel over a 0.2 budget vs sdpa over the full cache."""
+    """Decode attention alone: ragged kernel over a 0.2 budget vs sdpa over the full cache (distinct K and V)."""
     dev, h_kv, dim, group = args.device, args.kv_heads, args.hidden // args.heads, args.heads // args.kv_heads
-    keep_n = int(ctx * args.budget)
     gen = torch.Generator(device=dev).manual_seed(0)
-    # uneven head budgets like Ada-KV's: each head between 0.5x and 1.5x the mean, same total
-    frac = torch.linspace(0.5, 1.5, h_kv, device=dev)
-    lengths = (frac / frac.mean() * keep_n).long().clamp(1, ctx).expand(batch, h_kv).contiguous()
-    keys = torch.randn(batch, h_kv, ctx, dim, device=dev, dtype=dtype, generator=gen)
+    lengths = _uneven_lengths(ctx, batch, h_kv, args.budget, dev)
     keep = torch.arange(ctx, device=dev)[None, None, :] >= (ctx - lengths)[..., None]
-    store = RaggedKV.from_dense(keys, keys, keep)
+    scaling = dim**-0.5
+    full_bytes = 2 * batch * h_kv * ctx * dim * dtype.itemsize
+    kept_bytes = 2 * int(lengths.sum()) * dim * dtype.itemsize
+
+    def dense() -> torch.Tensor:
+        return torch.randn(batch, h_kv, ctx, dim, device=dev, dtype=dtype, generator=gen)
+
+    # the full cache's copies (each a distinct K and V) and the ragged stores built from them
+    n_full = copies_beyond_l2(full_bytes, dev)
+    n_ragged = copies_beyond_l2(kept_bytes, dev)
+    full_kv = [(dense(), dense()) for _ in range(n_full)]
+    stores = [RaggedKV.from_dense(*full_kv[i % n_full], keep) for i in range(n_ragged)]
     q = torch.randn(batch, h_kv, group, 1, dim, device=dev, dtype=dtype, generator=gen)
     ops = ops_for(q)
-    attend = lambda: ops.ragged_attention(  # noqa: E731
-        q, store.keys, store.values, store.start, store.length, dim**-0.5, None, None, store.max_length()
-    )
-    t_ragged = timed(attend, dev, args.repeats)
-    # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
-    ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, dim**-0.5)
-    err = float((attend().float() - ref.float()).abs().max() / ref.float().abs().max())
-    del ref
-    kept_bytes = 2 * int(store.lengths().sum()) * dim * keys.element_size()
+
+    def ragged_call(store: RaggedKV) -> Callable[[], torch.Tensor]:
+        max_len = store.max_length()
+        return lambda: ops.ragged_attention(
+            q, store.keys, store.values, store.start, store.length, scaling, None, None, max_len
+        )
+
+    ragged = [ragged_call(s) for s in stores]
     q_full = q.reshape(batch, h_kv * group, 1, dim)
-    full = lambda: F.scaled_dot_product_attention(q_full, keys, keys, enable_gqa=True)  # noqa: E731
-    t_full = timed(full, dev, args.repeats)
+    full = [
+        (lambda k=k, v=v: F.scaled_dot_product_attention(q_full, k, v, scale=scaling, enable_gqa=True))
+        for k, v in full_kv
+    ]
+    t_ragged = timed(ragged, dev, args.repeats, args.calls)
+    t_full = timed(full, dev, args.repeats, args.calls)
+    g_ragged, why_ragged = graph_timed(ragged, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
+    g_full, why_full = graph_timed(full, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
+    # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
+    store = stores[0]
+    ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling)
+    err = float((ragged[0]().float() - ref.float()).abs().max() / ref.float().abs().max())
+    del ref
+    keys, values = full_kv[0]
     prefill_q = torch.randn(batch, h_kv * group, ctx, dim, device=dev, dtype=dtype, generator=gen)
-    prefill = lambda: F.scaled_dot_product_attention(prefill_q, keys, keys, is_causal=True, enable_gqa=True)  # noqa: E731
-    t_prefill = timed(prefill, dev, max(1, args.repeats // 4))
-    compact = lambda: RaggedKV.from_dense(keys, keys, keep)  # noqa: E731
-    t_compact = timed(compact, dev, args.repeats)
+    prefill = lambda: F.scaled_dot_product_attention(prefill_q, keys, values, is_causal=True, enable_gqa=True)  # noqa: E731
+    t_prefill = timed(prefill, dev, max(1, args.repeats // 4), 3)
+    prefill_q = None  # frees it (large at long contexts)
+    compact = lambda: RaggedKV.from_dense(keys, values, keep)  # noqa: E731
+    t_compact = timed(compact, dev, args.repeats, max(1, args.calls // 10))
+
     return {
         "context": ctx,
         "batch": batch,
         "backend": ops.name,
+        "kept_kv_bytes": kept_bytes,
+        "full_kv_bytes": full_bytes,
+        "input_copies_rotated": {"ragged": n_ragged, "full": n_full},
         "ragged_decode_attention_s": t_ragged,
         "full_sdpa_decode_attention_s": t_full,
         "ratio_vs_full": t_ragged / t_full,
+        "ragged_decode_attention_graph_s": g_ragged,
+        "full_sdpa_decode_attention_graph_s": g_full,
+        "graph_ratio_vs_full": g_ragged / g_full if g_ragged and g_full else None,
+        "graph_not_timed": {k: v for k, v in (("ragged", why_ragged), ("full", why_full)) if v} or None,
         "max_rel_err_vs_reference": err,
         "achieved_bandwidth_GBps": kept_bytes / t_ragged / 1e9,
         "fraction_of_copy_bandwidth": kept_bytes / t_ragged / bandwidth,
+        "graph_fraction_of_copy_bandwidth": kept_bytes / g_ragged / bandwidth if g_ragged else None,
+        "full_fraction_of_copy_bandwidth": full_bytes / t_full / bandwidth,
         "compaction_s": t_compact,
         "prefill_attention_s": t_prefill,
         "compaction_fraction_of_prefill_attention": t_compact / t_prefill,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@torch.no_grad()
+def decode_run(model, ids: torch.Tensor, cache, steps: int, device: str) -> dict:
+    """Prefill ``ids``, then ``steps`` greedy steps (each feeds the previous argmax, as generate does)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, logits_to_keep=1)  # full logits would dwarf the KV
+    tok = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t_prefill = time.perf_counter() - t0
+    del out
+    peak_prefill = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    held = kv_bytes(cache)
+    if device == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            events[i + 1].record()
+        events[-1].synchronize()
+        step_s = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+    else:
+        stamps = [time.perf_counter()]
+        for _ in range(steps):
+            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            stamps.append(time.perf_counter())
+        step_s = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {
+        "prefill_s": t_prefill,
+        "peak_memory_prefill_bytes": peak_prefill,
+        "kv_bytes_after_prefill": held,
+        "kv_bytes": kv_bytes(cache),
+        "decode_tokens": steps,
+        "decode_ms_per_token": 1e3 * sum(step_s) / steps,
+        "decode_p50_ms": 1e3 * percentile(step_s, 50),
+        "decode_p99_ms": 1e3 * percentile(step_s, 99),
     }
 
 
@@ -122,38 +263,35 @@ def e2e_point(args, model, ctx: int, batch: int, bandwidth: float) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
+            decode_run(model, ids[:, : min(ctx, 256)], make(), min(args.decode_steps, 32), dev)  # warm-up
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             cache = make()
-            with torch.no_grad():
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = model(ids, past_key_values=cache, logits_to_keep=1)  # full logits would dwarf the KV
-                tok = out.logits[:, -1:].argmax(-1)
-                t_prefill = time.perf_counter() - t0  # argmax reads the logits: the prefill has finished
-                del out
-                peak_prefill = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-
-                def step(cache=cache, tok=tok):
-                    return model(tok, past_key_values=cache)
-
-                t = timed(step, dev, args.decode_steps)
+            result = decode_run(model, ids, cache, args.decode_steps, dev)
         except torch.OutOfMemoryError:
             row[name] = "out of memory"
+            if dev == "cuda":
+                torch.cuda.empty_cache()
             continue
-        kv = kv_bytes(cache)
-        row[name] = {
-            "prefill_s": t_prefill,
-            "peak_memory_prefill_bytes": peak_prefill,
-            "decode_ms_per_token": t * 1e3,
-            "kv_bytes": kv,
-            "floor_ms": (weight_bytes + kv) / bandwidth * 1e3,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
-        }
+        result["floor_ms"] = (weight_bytes + result["kv_bytes"]) / bandwidth * 1e3
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        row[name] = result
         del cache
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def _versions() -> dict:
+    versions = {"adakv": adakv.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        versions["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -166,14 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget", type=float, default=0.2)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--decode-steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20, help="timed blocks per kernel (medians)")
+    p.add_argument("--calls", type=int, default=100, help="back-to-back kernel calls per timed block")
+    p.add_argument("--decode-steps", type=int, default=256, help="greedy steps timed per end-to-end run")
     p.add_argument("--max-tokens", type=int, default=262144, help="skip end-to-end points with batch*context above")
     p.add_argument("--skip-e2e", action="store_true")
-    p.add_argument("--out", default="gpu_speed")
+    p.add_argument("--out", default="gpu_speed", help="a name (benchmarks/results/<name>.json) or a .json path")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device; pass --device cpu for a smoke run of the script")
+    if min(args.repeats, args.calls, args.decode_steps) < 1:
+        p.error("--repeats, --calls and --decode-steps must be positive")
     dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth(args.device, args.repeats)
     attention = [attention_point(args, ctx, b, dtype, bandwidth) for ctx in args.contexts for b in args.batches]
@@ -186,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             num_attention_heads=args.heads,
             num_key_value_heads=args.kv_heads,
             vocab_size=args.vocab,
-            max_position_embeddings=max(args.contexts) + 64,
+            max_position_embeddings=max(args.contexts) + args.decode_steps + 64,
         )
         with torch.device(args.device):
             model = LlamaForCausalLM(config).to(dtype).eval()
@@ -201,14 +342,19 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
-        "versions": {"adakv": adakv.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": _versions(),
+        "timing": f"kernels: {args.calls} back-to-back calls per CUDA-event pair, inputs rotated past the L2 cache, "
+        f"median of {args.repeats}; *_graph_s: CUDA graph replay of the same calls; end-to-end: "
+        f"{args.decode_steps} greedy steps, per-step events",
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "attention": attention,
         "end_to_end": e2e,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) if args.out.endswith(".json") else RESULTS / f"{args.out}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
