@@ -9,6 +9,7 @@ from .allocators import ALLOCATORS, AdaKV, Allocator, CrossLayerAllocator, Layer
 from .attention import restore_attention
 from .cache import AdaKVCache, kv_bytes
 from .context import compress_context
+from .critiprefill import CritiPrefill, sparse_prefill
 from .decode import DECODE_POLICIES, DecodePolicy, H2ODecode, Rescore
 from .methods import METHODS
 from .policy import PrefillAttention
@@ -40,6 +41,8 @@ __all__ = [
     "PrefillAttention",
     "Rescore",
     "compress_context",
+    "sparse_prefill",
+    "CritiPrefill",
     "prefill_in_chunks",
     "H2O",
     "METHODS",

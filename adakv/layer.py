@@ -163,7 +163,10 @@ class AdaKVLayer(CacheLayerMixin):
             valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
         _check_left_padding(valid, None)
         prefill = self.policy.prefill_attention
-        out = dense() if prefill is None else prefill.attention(module, query, keys, values, valid, scaling, softcap)
+        if prefill is not None and prefill.applies(module, query.shape[2], seq):
+            out = prefill.attention(module, query, keys, values, valid, scaling, softcap)
+        else:
+            out = dense()
         self.compress_dense(query, keys, values, valid, scaling, softcap, module)
         return out
 

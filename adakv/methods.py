@@ -6,7 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .allocators import AdaKV, Allocator, LayerAdaptive, PyramidKV, Uniform
-from .scorers import H2O, TOVA, CriticalKV, DefensiveKV, KeyNorm, Random, Scorer, SnapKV, StreamingLLM
+from .scorers import (
+    H2O,
+    TOVA,
+    CriticalKV,
+    DefensiveKV,
+    ExpectedAttention,
+    KeyNorm,
+    KVzip,
+    Random,
+    Scorer,
+    SnapKV,
+    StreamingLLM,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,18 @@ METHODS: dict[str, Method] = {
     "ada-criticalkv": Method(CriticalKV, AdaKV, "CriticalAdaKV, Feng et al. 2025 (arXiv:2502.03805)"),
     "defensivekv": Method(DefensiveKV, lambda: AdaKV(alpha=0.0), "DefensiveKV, Feng et al. 2025 (arXiv:2510.13334)"),
     "layer-defensivekv": Method(DefensiveKV, LayerAdaptive, "Layer-DefensiveKV, Feng et al. 2025 (arXiv:2510.13334)"),
+    "expected-attention": Method(
+        ExpectedAttention, Uniform, "Expected Attention, Devoto et al. 2025 (arXiv:2510.00636), kvpress defaults"
+    ),
+    "ada-expected-attention": Method(
+        lambda: ExpectedAttention(epsilon=1e-2),
+        AdaKV,
+        "Expected Attention (epsilon 1e-2) with Ada-KV, as kvpress's benchmark registry (arXiv:2510.00636)",
+    ),
+    "kvzip": Method(KVzip, LayerAdaptive, "KVzip, Kim et al. NeurIPS 2025 (arXiv:2505.23416): one budget over layers"),
+    "kvzip+": Method(
+        lambda: KVzip(normalize=True), LayerAdaptive, "KVzip+ (kvpress / KVzap, arXiv:2601.07891): ||W_O v|| / ||h||"
+    ),
     "streamingllm": Method(StreamingLLM, Uniform, "StreamingLLM, Xiao et al. ICLR 2024 (arXiv:2309.17453)"),
     "tova": Method(TOVA, Uniform, "TOVA, Oren et al. 2024 (arXiv:2401.06104)"),
     "knorm": Method(KeyNorm, Uniform, "Knorm, Devoto et al. EMNLP 2024 (arXiv:2406.11430)"),

@@ -1,223 +1,126 @@
-"""A tiny RULER-style single-needle ("needle in a haystack") prompt builder.
+"""A single-needle ("needle in a haystack") prompt, for the demo, the examples and quick checks.
 
-A 7-digit "special magic number" for a random key word is hidden at a sentence
-boundary at relative ``depth`` of a haystack of real prose. The prompt is split
-into a context prefix (chat header + document) and a question suffix so that
-question-agnostic KV-cache compression can prefill and compress the context
-first and append the question afterwards: ``cat(context_ids, question_ids)``
-is token-for-token the full prompt.
+A ``digits``-digit "special magic number" for a random key word is hidden at a sentence boundary at relative
+``depth`` of a haystack of real prose. This is a view of the harness's one needle generator
+(:func:`adakv.eval.tasks.niah`, task ``niah_single``): same document, needle, question and answer matching
+(:func:`adakv.eval.tasks.score`); only the answer prefix is this module's shorter one.
+The prompt is split into a context prefix (chat header + document) and a question suffix so that
+question-agnostic KV-cache compression can prefill and compress the context first and append the question
+afterwards: ``cat(context_ids, question_ids)`` is token-for-token the full prompt.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import cached_property
 from typing import Any
 
 import torch
 
-LICENSE_DIR = Path("/usr/share/common-licenses")
-PREFERRED_HAYSTACK = LICENSE_DIR / "GPL-3"
-KEYS = (
-    "apple",
-    "river",
-    "lantern",
-    "falcon",
-    "meadow",
-    "copper",
-    "harbor",
-    "violin",
-    "glacier",
-    "pepper",
-    "saddle",
-    "orchid",
-    "Lisbon",
-    "Nairobi",
-    "Oslo",
-    "Kyoto",
-    "Denver",
-    "Toronto",
-    "Santiago",
-    "Cairo",
-    "Helsinki",
-    "Dublin",
-    "Madrid",
-    "Seoul",
-)
-INSTRUCTION = (
-    "Some special magic numbers are hidden within the following text. "
-    "Make sure to memorize them. I will quiz you about the numbers afterwards.\n\n"
-)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+from .eval.haystack import LICENSE_DIR, haystack_sentences, haystack_text
+from .eval.tasks import DEFAULT_DIGITS, KEYS, NIAH_INSTRUCTION, EncodedSample, Sample, encode_sample, niah, score
+from .eval.tasks import layout as prompt_layout
 
-
-def _filler_text(n_sentences: int = 400) -> str:
-    """Deterministic generated prose, used only when no license text is available."""
-    rng = random.Random(0)
-    subj = ["The committee", "A traveler", "The old engineer", "Every student", "The council"]
-    verb = ["reviewed", "described", "carried", "repaired", "questioned", "admired"]
-    obj = ["the bridge", "a long letter", "the harvest", "the quiet library", "an old map"]
-    tail = ["before dawn", "with great care", "during the storm", "for many years", "at the market"]
-    return " ".join(
-        f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}." for _ in range(n_sentences)
-    )
-
-
-@lru_cache(maxsize=1)
-def haystack_text() -> str:
-    """Real prose for the haystack, whitespace-normalised to a single line.
-
-    Reads ``/usr/share/common-licenses/GPL-3``, else the other license files
-    there, else falls back to deterministic generated filler; never fails.
-    """
-    candidates = [PREFERRED_HAYSTACK]
-    if LICENSE_DIR.is_dir():
-        candidates += sorted(p for p in LICENSE_DIR.iterdir() if p != PREFERRED_HAYSTACK)
-    for path in candidates:
-        try:
-            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
-        except OSError:
-            continue
-        if len(text) > 2000:
-            return text
-    return _filler_text()
-
-
-@lru_cache(maxsize=4)
-def haystack_sentences(tokenizer: Any) -> tuple[tuple[str, int], ...]:
-    """Haystack sentences with their (approximate, in-context) token counts."""
-    sents = [s for s in _SENTENCE_END.split(haystack_text()) if s]
-    return tuple((s, len(tokenizer.encode(" " + s, add_special_tokens=False))) for s in sents)
-
-
-def prompt_layout(tokenizer: Any, instruction: str, context: str, question: str, answer_prefix: str) -> tuple[str, int]:
-    """The full prompt string and the char index where the question part begins.
-
-    The user turn is instruction + context + blank line + question, chat-formatted
-    (SmolLM2's template inserts its default system message), and the answer prefix
-    follows the assistant header. A tokenizer without a chat template (a base
-    model) gets BOS + the user text + newline, then the answer prefix.
-    """
-    marker = "\x00QUESTION\x00"
-    user = f"{instruction}{context}{marker}\n\n{question}"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = f"{tokenizer.bos_token or ''}{user}\n"
-    return text.replace(marker, "") + answer_prefix, text.index(marker)
+INSTRUCTION = NIAH_INSTRUCTION
 
 
 @dataclass
 class NeedleSample:
-    """One needle-in-a-haystack example plus its tokenized prompt pieces."""
+    """One needle-in-a-haystack example plus its tokenized prompt pieces.
+
+    Built by :func:`make_needle_sample`, or by hand (e.g. several needles' questions over one shared document).
+    """
 
     tokenizer: Any = field(repr=False, compare=False)
     context: str = field(repr=False)  # document text containing the needle
     question: str
-    answer: str  # the 7-digit number as a string
+    answer: str  # the number, as a string
     key: str
     depth: float
     needle: str
 
     @property
     def answer_prefix(self) -> str:
-        """Text appended after the generation prompt, which the model continues."""
+        """Text appended after the generation prompt, which the model continues: the short form this module has
+        always used (the demo's, the examples' and the notebook's figures were measured with it); the harness's
+        ``niah_single`` ends with RULER's longer "... for KEY mentioned in the provided text is"."""
         return f"The special magic number for {self.key} is"
 
+    def task_sample(self) -> Sample:
+        """The same example as a harness :class:`~adakv.eval.tasks.Sample` (task ``niah_single``)."""
+        return Sample(
+            "niah_single",
+            self.context,
+            self.question,
+            [self.answer],
+            INSTRUCTION,
+            self.answer_prefix,
+            8 + len(self.answer) + 3,
+            {"keys": [self.key], "asked": [self.key], "depths": [self.depth]},
+        )
+
     @cached_property
-    def _layout(self) -> tuple[str, int]:
-        """Full prompt string and the character index where the question part starts."""
-        return prompt_layout(self.tokenizer, INSTRUCTION, self.context, self.question, self.answer_prefix)
+    def _encoded(self) -> EncodedSample:
+        return encode_sample(self.tokenizer, self.task_sample())
 
     def prompt_text(self) -> str:
         """The full prompt as a string (chat template + answer prefix)."""
-        return self._layout[0]
-
-    @cached_property
-    def _ids_and_split(self) -> tuple[torch.Tensor, int]:
-        text, split_char = self._layout
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = [start for start, _ in enc["offset_mapping"]]
-        if split_char not in starts:
-            raise ValueError("question does not start at a token boundary; adjust the prompt format")
-        ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
-        return ids, starts.index(split_char)
+        return prompt_layout(self.tokenizer, INSTRUCTION, self.context, self.question, self.answer_prefix)[0]
 
     def full_prompt_ids(self) -> torch.Tensor:
         """``(1, n)`` token ids of the whole prompt, ending with the answer prefix."""
-        return self._ids_and_split[0].clone()
+        return self._encoded.full_ids.clone()
 
     def context_prompt_ids(self) -> torch.Tensor:
         """``(1, k)`` ids of the question-agnostic prefix: chat header + instruction + document."""
-        ids, split = self._ids_and_split
-        return ids[:, :split].clone()
+        return self._encoded.context_ids.clone()
 
     def question_ids(self) -> torch.Tensor:
         """``(1, n - k)`` ids of the question, end of turn, assistant header and answer prefix."""
-        ids, split = self._ids_and_split
-        return ids[:, split:].clone()
+        return self._encoded.question_ids.clone()
 
 
-def make_needle_sample(tokenizer: Any, context_tokens: int, depth: float, seed: int, digits: int = 7) -> NeedleSample:
+def make_needle_sample(
+    tokenizer: Any, context_tokens: int, depth: float, seed: int, digits: int = DEFAULT_DIGITS
+) -> NeedleSample:
     """Build a sample whose context prefix is about ``context_tokens`` tokens long.
 
-    ``context_tokens`` counts the whole ``context_prompt_ids()`` (chat header,
-    instruction and document); the question part adds ~30 more tokens.
-
-    ``depth`` in [0, 1] is the relative position of the needle in the document;
-    ``seed`` picks the key, the number and where in the (cyclically repeated)
-    haystack the document starts.
+    ``context_tokens`` counts the whole ``context_prompt_ids()`` (chat header, instruction and document); the
+    question part adds ~40 more tokens. A length too short for any haystack gives a document of the needle alone.
+    ``depth`` in [0, 1] is the relative position of the needle in the document; ``seed`` picks the key, the
+    number and where in the (cyclically repeated) haystack the document starts. ``digits``: 7 by default
+    (RULER's); 4 is the short variant.
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(seed)
-    key = rng.choice(KEYS)
-    if digits < 1:
-        raise ValueError(f"digits must be >= 1, got {digits}")
-    answer = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-    needle = f"The special magic number for {key} is {answer}."
-    question = f"What is the special magic number for {key} mentioned in the provided text?"
-    text, split = prompt_layout(tokenizer, INSTRUCTION, "", question, "")
-    overhead = len(tokenizer.encode(text[:split], add_special_tokens=False))
-    budget = context_tokens - overhead - len(tokenizer.encode(" " + needle, add_special_tokens=False))
-    sents = haystack_sentences(tokenizer)
-    chosen: list[str] = []
-    used, i = 0, rng.randrange(len(sents))
-    while used < budget:
-        sent, n_tok = sents[i % len(sents)]
-        if chosen and used + n_tok - budget > budget - used:
-            break  # adding this sentence would overshoot more than stopping undershoots
-        chosen.append(sent)
-        used, i = used + n_tok, i + 1
-    chosen.insert(round(depth * len(chosen)), needle)
+    made = niah("niah_single", tokenizer, context_tokens, rng, "prose", digits=digits, depth=depth, strict=False)
+    key, answer = made.meta["keys"][0], made.answers[0]
     return NeedleSample(
         tokenizer=tokenizer,
-        context=" ".join(chosen),
-        question=question,
+        context=made.context,
+        question=made.question,
         answer=answer,
         key=key,
         depth=depth,
-        needle=needle,
+        needle=f"The special magic number for {key} is {answer}.",
     )
 
 
-def is_correct(generated_text: str, sample: NeedleSample) -> bool:
-    """True if the answer number appears (as a whole number) in the generated text."""
-    text = re.sub(r"(?<=\d)[,\s](?=\d)", "", generated_text)
-    return re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", text) is not None
+def is_correct(generated_text: str, sample: NeedleSample | Sample) -> bool:
+    """True if every expected number appears (as a whole number) in the generated text
+    (:func:`adakv.eval.tasks.score` == 1)."""
+    task_sample = sample.task_sample() if isinstance(sample, NeedleSample) else sample
+    return score(task_sample, generated_text) == 1.0
 
 
 __all__ = [
-    "NeedleSample",
-    "prompt_layout",
-    "make_needle_sample",
-    "is_correct",
-    "haystack_text",
-    "haystack_sentences",
+    "INSTRUCTION",
     "KEYS",
+    "LICENSE_DIR",
+    "NeedleSample",
+    "haystack_sentences",
+    "haystack_text",
+    "is_correct",
+    "make_needle_sample",
+    "prompt_layout",
 ]

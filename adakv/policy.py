@@ -19,6 +19,10 @@ class PrefillAttention(ABC):
     """A policy that computes a layer's attention over its first prompt chunk (instead of the model's dense
     attention), e.g. CritiPrefill's block-sparse prefill. Later chunks and decoding are not affected."""
 
+    def applies(self, module: nn.Module, q_len: int, k_len: int) -> bool:
+        """Whether :meth:`attention` replaces the model's own attention for this layer and shape (else dense)."""
+        return True
+
     @abstractmethod
     def attention(
         self,

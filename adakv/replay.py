@@ -52,6 +52,7 @@ def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return PrefillRecord(recorder.seen, stock, out.logits[:, -1].clone(), input_ids.shape[1])
 
 
+@torch.no_grad()
 def replay(model, record: PrefillRecord, budget: float | int, **cache_kwargs) -> AdaKVCache:
     """An AdaKVCache in the state the live prefill would have left it in, built from ``record``."""
     cache = AdaKVCache(model, budget, **cache_kwargs)

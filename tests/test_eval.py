@@ -193,9 +193,18 @@ def test_cli_quality_and_fidelity_end_to_end(tiny_dir, tmp_path, capsys):
     args = ["fidelity", *common, "--modes", "agnostic", "--continuation-tokens", "8", "--out", str(tmp_path / "f")]
     assert main(args) == 0
     rows = json.loads((tmp_path / "f" / "results.json").read_text())["rows"]
-    assert {(r["metric"], r["mode"]) for r in rows} == {("kl", "teacher_forced"), ("agreement", "agnostic")}
+    assert {(r["metric"], r["task"], r["mode"]) for r in rows} == {
+        ("kl", "prose", "teacher_forced"),
+        ("top1", "prose", "teacher_forced"),
+        ("agreement", "summary", "agnostic"),  # the open-ended task is fidelity's default
+        ("kl", "summary", "agnostic"),
+        ("top1", "summary", "agnostic"),
+    }
     assert all(r["value"] > 0 for r in rows if r["metric"] == "kl" and r["method"] != "full")
+    assert all(0 <= r["value"] <= 1 for r in rows if r["metric"] in ("agreement", "top1"))
+    assert all(r["value"] == (0.0 if r["metric"] == "kl" else 1.0) for r in rows if r["method"] == "full")
     assert (tmp_path / "f" / "summary.md").is_file() and (tmp_path / "f" / "results.csv").is_file()
+    assert (tmp_path / "f" / "top1.png").stat().st_size > 10_000
 
 
 def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
@@ -303,3 +312,176 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit):
         main(["fidelity", "--help"])
     assert "--continuation-tokens" in capsys.readouterr().out
+
+
+# -- one needle generator, answers, the multi-question protocol, open-ended fidelity, live caches --------------------
+
+
+@pytest.mark.fast
+def test_needle_module_is_a_view_of_the_harness_generator(tok):
+    import random
+
+    from adakv.eval.tasks import niah
+    from adakv.needle import NeedleSample, is_correct, make_needle_sample
+
+    sample = make_needle_sample(tok, 500, 0.5, seed=3)
+    made = niah("niah_single", tok, 500, random.Random(3), "prose", depth=0.5)
+    enc = encode_sample(tok, made)
+    assert torch.equal(sample.context_prompt_ids(), enc.context_ids)  # same document, needle and question
+    assert sample.context == made.context and sample.question == made.question
+    assert tok.decode(sample.question_ids()[0]).endswith(
+        f"{sample.question}<|im_end|>\n<|im_start|>assistant\nThe special magic number for {sample.key} is"
+    )
+    assert torch.equal(encode_sample(tok, sample.task_sample()).full_ids, sample.full_prompt_ids())
+    assert len(sample.answer) == 7 and sample.answer == made.answers[0]  # 7 digits by default
+    assert sample.needle in sample.context and tok.decode(sample.full_prompt_ids()[0]) == sample.prompt_text()
+    assert len(make_needle_sample(tok, 500, 0.5, seed=3, digits=4).answer) == 4  # the short variant
+    assert make_needle_sample(tok, 40, 0.5, seed=1).context.startswith("The special magic number")  # needle alone
+    assert is_correct(f"It is {sample.answer}.", sample) and not is_correct(sample.answer[:-1], sample)
+    assert is_correct(f"{int(sample.answer):,}", sample)  # thousands separators, as score() reads them
+    by_hand = NeedleSample(tok, sample.context, sample.question, sample.answer, sample.key, 0.5, sample.needle)
+    assert torch.equal(by_hand.context_prompt_ids(), sample.context_prompt_ids())
+    assert is_correct(sample.answer, made)  # a harness Sample works too: one answer helper
+    with pytest.raises(ValueError, match="depth"):
+        make_needle_sample(tok, 500, 1.5, seed=0)
+
+
+@pytest.mark.fast
+def test_questions_of_a_sample_share_its_context(tok):
+    from adakv.eval.tasks import questions
+
+    expected = {"niah_multikey": 4, "niah_multiquery": 4, "niah_multivalue": 1, "qa": 3, "common_words": 1}
+    for task, count in expected.items():
+        sample = make_samples(task, tok, 1, 500, seed=2)[0]
+        asked = questions(sample)
+        assert len(asked) == count, task
+        context = encode_sample(tok, sample).context_ids
+        for q in asked:
+            assert torch.equal(encode_sample(tok, q).context_ids, context)
+            assert all(_has(sample.context, a) for a in q.answers)
+        assert questions(sample)[0].question == sample.question or task == "niah_multiquery"
+    mk = make_samples("niah_multikey", tok, 1, 500, seed=2)[0]
+    for q, key in zip(questions(mk), mk.meta["keys"]):
+        assert key in q.question and q.answers == mk.meta["values"][key]
+    vt = make_samples("variable_tracking", tok, 1, 600, haystack="filler", chains=2)[0]
+    assert [q.answers for q in questions(vt)] == vt.meta["chains"]
+
+
+@pytest.mark.fast
+def test_open_tasks_have_no_answer_to_match(tok):
+    from adakv.eval.tasks import OPEN_TASKS
+
+    for task in OPEN_TASKS:
+        sample = make_samples(task, tok, 1, 400)[0]
+        enc = encode_sample(tok, sample)
+        assert abs(enc.context_ids.shape[1] - 400) <= 40 and not sample.answers
+        assert tok.decode(enc.question_ids[0]).strip().startswith(sample.question)
+        with pytest.raises(ValueError, match="open-ended"):
+            score(sample, "anything")
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tok):
+    return tiny_model("llama", vocab_size=len(tok), pad_token_id=2, bos_token_id=1, eos_token_id=2)
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(
+        modes=["agnostic"], methods=["snapkv"], budgets=[0.3], window=8, max_new_tokens=3, lengths=[150], samples=1
+    )
+    return argparse.Namespace(**{**base, "seed": 0, "continuation_tokens": 6, **kw})
+
+
+def _samples(tok, task, n=1, length=150):
+    return {(task, length): [(s, encode_sample(tok, s)) for s in make_samples(task, tok, n, length, seed=4)]}
+
+
+@pytest.mark.fast
+def test_multi_mode_compresses_once_and_asks_every_question(tok, tiny_vocab):
+    from adakv.eval.runners import run_quality
+
+    built = []
+
+    def factory(model):
+        built.append(1)
+        return AdaKVCache(model, 0.4, method="ada-snapkv", window=8)
+
+    samples = _samples(tok, "niah_multikey", n=2, length=200)
+    rows, outputs = run_quality(_args(modes=["multi", "agnostic"]), tiny_vocab, tok, samples, caches={"mine": factory})
+    assert len(built) == 2 * 2  # once per sample and mode, not per question
+    cells = {(r["mode"], r["method"], r["budget"]): r for r in rows}
+    assert cells["multi", "full", 1.0]["n"] == 2 * 4 and cells["agnostic", "full", 1.0]["n"] == 2
+    assert cells["multi", "mine", 0.4]["n"] == 8 and cells["multi", "snapkv", 0.3]["n"] == 8
+    assert 0.3 < cells["multi", "mine", 0.4]["kv_ratio"] < 0.5  # the compressed context, before the questions
+    multi = [o for o in outputs if o["mode"] == "multi" and o["method"] == "snapkv"]
+    assert sorted((o["sample"], o["question"]) for o in multi) == [(i, j) for i in range(2) for j in range(4)]
+    keys = samples["niah_multikey", 200][0][0].meta["values"]
+    assert [o["answers"] for o in multi if o["sample"] == 0] == list(keys.values())
+
+
+@pytest.mark.fast
+def test_live_caches_equal_replayed_ones_and_take_a_chunked_prefill(tok, tiny_vocab):
+    from adakv.eval.metrics import forward_prefill
+    from adakv.eval.runners import chunked_prefill, run_fidelity, run_quality
+
+    samples = _samples(tok, "niah_single", n=2, length=200)
+    args = _args(modes=["aware", "agnostic"], methods=["snapkv", "defensivekv"], budgets=[0.3, 40])
+    replayed, out_r = run_quality(args, tiny_vocab, tok, samples)
+    live, out_l = run_quality(args, tiny_vocab, tok, samples, prefill=forward_prefill)
+    assert [o["text"] for o in out_r] == [o["text"] for o in out_l]  # a live one-shot prefill is what replay builds
+    fid_args = _args(modes=["aware", "agnostic"], methods=["snapkv"], budgets=[0.3])
+    fid_r, _ = run_fidelity(fid_args, tiny_vocab, tok, samples)
+    fid_l, _ = run_fidelity(fid_args, tiny_vocab, tok, samples, prefill=forward_prefill)
+    assert [r["value"] for r in fid_r] == pytest.approx([r["value"] for r in fid_l], rel=1e-4, abs=1e-6)
+
+    def factory(model):
+        return AdaKVCache(model, 0.3, method="snapkv", window=8)
+
+    rows, _ = run_quality(args, tiny_vocab, tok, samples, caches={"chunked": factory}, prefill=chunked_prefill(64))
+    chunked = [r for r in rows if r["method"] == "chunked"]
+    assert {(r["mode"], r["budget"]) for r in chunked} == {("aware", 0.3), ("agnostic", 0.3)}
+    assert all(r["n"] == 2 and r["kv_ratio"] < 0.6 for r in chunked)
+    rows, _ = run_fidelity(fid_args, tiny_vocab, tok, samples, caches={"chunked": factory}, prefill=chunked_prefill(64))
+    assert {r["metric"] for r in rows if r["method"] == "chunked"} == {"agreement", "kl", "top1"}
+
+
+@pytest.mark.fast
+def test_teacher_forced_metrics(tok, tiny_vocab):
+    from adakv.eval.metrics import forced_logprobs, full_cache, greedy_decode, teacher_forced
+
+    enc = encode_sample(tok, make_samples("summary", tok, 1, 150)[0])
+    full, n_ctx = enc.full_ids, enc.context_ids.shape[1]
+    ref = greedy_decode(tiny_vocab, full, full_cache(tiny_vocab), 6, n_ctx)
+    lp = forced_logprobs(tiny_vocab, full, ref, full_cache(tiny_vocab), n_ctx)
+    assert lp.shape == (6, len(tok)) and torch.equal(lp.argmax(-1), ref)  # the greedy tokens are the top ones
+    whole = teacher_forced(tiny_vocab, full, ref, lambda: AdaKVCache(tiny_vocab, 1.0, window=8), n_ctx)
+    assert whole["kl"] == pytest.approx(0.0, abs=1e-5) and whole["top1"] == 1.0
+    tight = teacher_forced(tiny_vocab, full, ref, lambda: AdaKVCache(tiny_vocab, 0.1, window=8), n_ctx, reference=lp)
+    assert tight["kl"] > 1e-3 and 0.0 <= tight["top1"] <= 1.0
+    aware = teacher_forced(tiny_vocab, full, ref, lambda: AdaKVCache(tiny_vocab, 0.1, window=8))
+    assert aware["kl"] >= 0.0
+
+
+@pytest.mark.fast
+def test_cli_multi_mode_all_methods_and_chunked_prefill(tiny_dir, tmp_path):
+    from adakv import METHODS
+
+    out = tmp_path / "m"
+    argv = ["quality", "--model", tiny_dir, "--tasks", "niah_multivalue", "--methods", "all", "--budgets", "0.5"]
+    argv += ["--lengths", "200", "--samples", "1", "--modes", "multi", "--max-new-tokens", "2", "--digits", "4"]
+    assert main([*argv, "--window", "8", "--no-plots", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"full", *METHODS}
+    assert all(len(a) == 4 for o in data["outputs"] for a in o["answers"])  # --digits 4
+    assert "| niah_multivalue | 200 | full | 1 |" in (out / "summary.md").read_text()
+    out = tmp_path / "c"
+    argv = ["quality", "--model", tiny_dir, "--methods", "snapkv", "--budgets", "0.3", "--lengths", "200"]
+    argv += ["--samples", "1", "--max-new-tokens", "2", "--prefill-chunk-size", "64", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["args"]["prefill_chunk_size"] == 64
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--prefill-chunk-size", "4", "--out", str(tmp_path / "x")])  # below the window
+    with pytest.raises(SystemExit):
+        main(["quality", "--model", tiny_dir, "--tasks", "summary", "--out", str(tmp_path / "y")])  # fidelity only

@@ -7,9 +7,9 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from tiny_models import FAMILIES, padded_batch, tiny_model
+from tiny_models import FAMILIES, ToyTokenizer, padded_batch, tiny_model
 
-from adakv import METHODS, AdaKVCache
+from adakv import METHODS, AdaKVCache, ContextScorer, compress_context
 from adakv.cascade import SHRINK_FACTOR
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK, RaggedKV
@@ -24,11 +24,17 @@ def test_every_method_generates_with_padding(method):
     model = tiny_model("llama")
     ids, mask = padded_batch(seq_len=64, pad=9)
     cache = AdaKVCache(model, budget=0.25, window=4, method=method)
+    appended = 3  # decoded tokens forwarded through the cache
+    if isinstance(cache.selection.scorer, ContextScorer):  # KVzip: the context is scored by passes over it first
+        compress_context(model, cache, ids[:, :-1], attention_mask=mask[:, :-1], tokenizer=ToyTokenizer())
+        mask_ctx, appended = mask[:, :-1], 4  # the prompt's last token is appended by generate
+    else:
+        mask_ctx = mask
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 68)
-    per_head = torch.floor(mask.sum(-1) * 0.25 + 0.5).long()  # 14 and 16
-    total = sum(layer.kept_lengths() - 3 for layer in compressed(cache))  # minus the 3 decoded tokens
+    per_head = torch.floor(mask_ctx.sum(-1) * 0.25 + 0.5).long()  # 14 and 16
+    total = sum(layer.kept_lengths() - appended for layer in compressed(cache))
     assert total.sum(-1).tolist() == (per_head * 2 * len(compressed(cache))).tolist()
     for layer in compressed(cache):
         assert (layer.kept_lengths() >= 3 + 4).all()  # window + decoded tokens never evicted

@@ -1,7 +1,7 @@
-"""Text sources for the task contexts: haystack sentences (prose or repeated filler) and a word pool.
+"""Text sources for the task contexts: haystack sentences (real prose or repeated filler) and a word pool.
 
-Prose comes from :func:`adakv.needle.haystack_sentences`; the word pool from the license texts in
-:data:`adakv.needle.LICENSE_DIR`. Sentence token counts are cached per tokenizer.
+Prose is the license texts in ``/usr/share/common-licenses`` (GPL-3 first), or deterministic generated
+filler where there are none; sentence token counts are cached per tokenizer.
 """
 
 from __future__ import annotations
@@ -9,9 +9,52 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from ..needle import LICENSE_DIR, haystack_sentences
+LICENSE_DIR = Path("/usr/share/common-licenses")
+PREFERRED_HAYSTACK = LICENSE_DIR / "GPL-3"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _filler_text(n_sentences: int = 400) -> str:
+    """Deterministic generated prose, used only when no license text is available."""
+    rng = random.Random(0)
+    subj = ["The committee", "A traveler", "The old engineer", "Every student", "The council"]
+    verb = ["reviewed", "described", "carried", "repaired", "questioned", "admired"]
+    obj = ["the bridge", "a long letter", "the harvest", "the quiet library", "an old map"]
+    tail = ["before dawn", "with great care", "during the storm", "for many years", "at the market"]
+    return " ".join(
+        f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}." for _ in range(n_sentences)
+    )
+
+
+@lru_cache(maxsize=1)
+def haystack_text() -> str:
+    """Real prose for the haystack, whitespace-normalised to a single line.
+
+    Reads ``/usr/share/common-licenses/GPL-3``, else the other license files
+    there, else falls back to deterministic generated filler; never fails.
+    """
+    candidates = [PREFERRED_HAYSTACK]
+    if LICENSE_DIR.is_dir():
+        candidates += sorted(p for p in LICENSE_DIR.iterdir() if p != PREFERRED_HAYSTACK)
+    for path in candidates:
+        try:
+            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+        except OSError:
+            continue
+        if len(text) > 2000:
+            return text
+    return _filler_text()
+
+
+@lru_cache(maxsize=4)
+def haystack_sentences(tokenizer: Any) -> tuple[tuple[str, int], ...]:
+    """Haystack sentences with their (approximate, in-context) token counts."""
+    sents = [s for s in _SENTENCE_END.split(haystack_text()) if s]
+    return tuple((s, len(tokenizer.encode(" " + s, add_special_tokens=False))) for s in sents)
+
 
 HAYSTACKS = ("prose", "filler")
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -24,7 +67,7 @@ def _ntok(tokenizer: Any, text: str) -> int:
 @lru_cache(maxsize=8)
 def _units(tokenizer: Any, haystack: str) -> tuple[tuple[str, int], ...]:
     if haystack == "prose":
-        return haystack_sentences(tokenizer)  # the needle task's sentences, counted the same way
+        return haystack_sentences(tokenizer)
     return tuple((s, _ntok(tokenizer, s)) for s in FILLER)
 
 

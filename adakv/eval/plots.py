@@ -3,7 +3,7 @@
 * quality: mean score vs budget, a line per method (the full cache dashed), one panel per mode;
   and for runs with ``niah_single``, needle heatmaps (one per mode): score by needle depth x context length
   per method and budget;
-* fidelity: greedy agreement and teacher-forced KL vs budget;
+* fidelity: greedy agreement, teacher-forced KL and top-1 agreement vs budget;
 * speed: KV bytes, peak memory and decode time per token vs context length.
 """
 
@@ -150,7 +150,12 @@ def plot_results(directory: Path) -> list[Path]:
     elif kind == "fidelity":
         made = [
             _versus_budget(plt, [r for r in rows if r["metric"] == m], "value", "mode", title, out / f"{m}.png")
-            for m, title in (("agreement", "greedy agreement vs budget"), ("kl", "teacher-forced KL (nats) vs budget"))
+            for m, title in (
+                ("agreement", "greedy agreement vs budget"),
+                ("kl", "teacher-forced KL (nats) vs budget"),
+                ("top1", "teacher-forced top-1 agreement vs budget"),
+            )
+            if any(r["metric"] == m for r in rows)
         ]
     else:
         made = [_speed(plt, rows, out / "speed.png")]

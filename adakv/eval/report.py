@@ -126,10 +126,13 @@ def _summary(kind: str, rows: list[dict], meta: dict[str, Any], modes: list[str]
         vals += [f"{sum(r['kv_ratio'] for r in cell.values()) / len(cell):.3f}"] if kv else []
         lines.append("| " + " | ".join([*map(str, key[:-1]), f"{key[-1]:g}", *vals]) + " |")
     note = (
-        "score: fraction of expected answers in the greedy output; KV bytes: held by the cache after decoding, "
-        "vs the full cache, mean over modes."
+        "score: fraction of expected answers in the greedy output (multi: mean over every question of a sample, "
+        "each asked from a copy of the context compressed once); KV bytes: held by the cache after decoding (multi: "
+        "the compressed context before the questions), vs the full cache, mean over modes."
         if kind == "quality"
-        else "agreement: matching greedy prefix / max new tokens; kl: mean next-token KL(full || method), nats."
+        else "agreement: matching greedy prefix / max new tokens; kl: mean next-token KL(full || method) in nats, and "
+        "top1: fraction of positions where both rank the same token first, under teacher forcing (task prompts: on "
+        "the full cache's greedy continuation; prose: on the real text)."
     )
     return "\n".join([*lines, "", note]) + "\n"
 

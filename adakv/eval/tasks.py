@@ -1,16 +1,22 @@
-"""RULER-style synthetic long-context tasks with a fixed seed, and their prompts.
+"""RULER-style synthetic long-context tasks with a fixed seed, and their prompts: the one needle generator.
 
-Every generator returns a :class:`Sample` (instruction, context, question,
-expected answers). :func:`encode_sample` builds the chat prompt and splits it
-into ``context_ids`` (chat header + instruction + context) and ``question_ids``
-(question, end of turn, assistant header, answer prefix) whose concatenation is
-the tokenized full prompt token-for-token, so a context can be compressed
-before its question is seen (question-agnostic mode). ``context_tokens``
-is the target length of ``context_ids``.
+Every generator returns a :class:`Sample` (instruction, context, question, expected answers). :func:`encode_sample`
+builds the chat prompt and splits it into ``context_ids`` (chat header + instruction + context) and ``question_ids``
+(question, end of turn, assistant header, answer prefix) whose concatenation is the tokenized full prompt
+token-for-token, so a context can be compressed before its question is seen (question-agnostic mode).
+``context_tokens`` is the target length of ``context_ids``.
+
+:func:`niah` writes every needle-in-a-haystack prompt (``adakv.needle`` is a thin view of it for one needle).
+Needle values have 7 digits by default (RULER's; several tokens for most tokenizers: what short needles hide);
+``digits=4`` is the short variant. :func:`questions` lists every question a sample's context can answer, for the
+multi-question protocol (compress the context once, ask each question from a copy of the compressed cache).
+:data:`OPEN_TASKS` are open-ended (a summary or a continuation asked after the document): no expected answer,
+for the fidelity metrics only. :func:`score` is the one answer-matching helper.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
@@ -20,9 +26,54 @@ from typing import Any
 
 import torch
 
-from ..needle import KEYS
-from ..needle import prompt_layout as needle_prompt_layout
 from .haystack import HAYSTACKS, _haystack, _ntok, word_pool
+
+KEYS = (
+    "apple",
+    "river",
+    "lantern",
+    "falcon",
+    "meadow",
+    "copper",
+    "harbor",
+    "violin",
+    "glacier",
+    "pepper",
+    "saddle",
+    "orchid",
+    "Lisbon",
+    "Nairobi",
+    "Oslo",
+    "Kyoto",
+    "Denver",
+    "Toronto",
+    "Santiago",
+    "Cairo",
+    "Helsinki",
+    "Dublin",
+    "Madrid",
+    "Seoul",
+)
+DEFAULT_DIGITS = 7  # needle values: RULER's 7 digits; digits=4 is the short variant
+
+
+def layout(tokenizer: Any, instruction: str, context: str, question: str, answer_prefix: str) -> tuple[str, int]:
+    """The full prompt string and the char index where the question part begins.
+
+    The user turn is instruction + context + blank line + question, chat-formatted
+    (SmolLM2's template inserts its default system message), and the answer prefix
+    follows the assistant header. A tokenizer without a chat template (a base
+    model) gets BOS + the user text + newline, then the answer prefix.
+    """
+    marker = "\x00QUESTION\x00"
+    user = f"{instruction}{context}{marker}\n\n{question}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = f"{tokenizer.bos_token or ''}{user}\n"
+    return text.replace(marker, "") + answer_prefix, text.index(marker)
 
 
 @dataclass
@@ -50,8 +101,8 @@ class EncodedSample:
 
 def prompt_layout(tokenizer: Any, sample: Sample) -> tuple[str, int]:
     """The full prompt string and the character index where the question part starts
-    (:func:`adakv.needle.prompt_layout` with the sample's instruction, context, question and answer prefix)."""
-    return needle_prompt_layout(tokenizer, sample.instruction, sample.context, sample.question, sample.answer_prefix)
+    (:func:`layout` with the sample's instruction, context, question and answer prefix)."""
+    return layout(tokenizer, sample.instruction, sample.context, sample.question, sample.answer_prefix)
 
 
 def encode_sample(tokenizer: Any, sample: Sample) -> EncodedSample:
@@ -72,11 +123,12 @@ def encode_sample(tokenizer: Any, sample: Sample) -> EncodedSample:
 # -- contexts ---------------------------------------------------------------------------------------------------------
 
 
-def _body_budget(tokenizer: Any, context_tokens: int, sample: Sample, needed: int) -> int:
-    """Tokens left for the context body after chat header and instruction; refuses if ``needed`` do not fit."""
+def _body_budget(tokenizer: Any, context_tokens: int, sample: Sample, needed: int, strict: bool = True) -> int:
+    """Tokens left for the context body after chat header and instruction; refuses if ``needed`` do not fit
+    (``strict=False``: returns what is left, possibly less)."""
     text, split = prompt_layout(tokenizer, sample)
     budget = context_tokens - len(tokenizer.encode(text[:split], add_special_tokens=False))
-    if budget < needed:
+    if budget < needed and strict:
         raise ValueError(
             f"context_tokens={context_tokens} is too short for task {sample.task!r}: it needs at least "
             f"{context_tokens - budget + needed} tokens."
@@ -92,12 +144,14 @@ def _with_needles(
     needles: list[str],
     rng: random.Random,
     depth: float | None = None,
+    strict: bool = True,
 ) -> Sample:
     """Fill ``sample.context`` with haystack and insert ``needles`` (order kept) at random sentence boundaries,
-    or a single needle at relative ``depth`` (0 = first sentence, 1 = after the last)."""
+    or a single needle at relative ``depth`` (0 = first sentence, 1 = after the last). ``strict=False``: a
+    ``context_tokens`` too short for the needles gives a document of the needles alone instead of an error."""
     needle_tokens = sum(_ntok(tokenizer, n) for n in needles)
-    budget = _body_budget(tokenizer, context_tokens, sample, needle_tokens)
-    sents = _haystack(tokenizer, haystack, budget - needle_tokens, rng)
+    budget = _body_budget(tokenizer, context_tokens, sample, needle_tokens, strict)
+    sents = _haystack(tokenizer, haystack, max(budget - needle_tokens, 0), rng)
     if depth is None:
         positions = sorted(rng.randint(0, len(sents)) for _ in needles)
     else:
@@ -127,29 +181,8 @@ NIAH_INSTRUCTION = (
 )
 
 
-def _niah(
-    task: str,
-    tokenizer: Any,
-    context_tokens: int,
-    rng: random.Random,
-    haystack: str,
-    keys: int = 1,
-    values: int = 1,
-    queries: int = 1,
-    digits: int = 7,
-    depth: float | None = None,
-) -> Sample:
-    """``keys`` x ``values`` needles ``The special magic number for KEY is N.``; asks for the numbers of the
-    first ``queries`` keys (-1: all). ``depth`` places a single needle (default: random positions)."""
-    if depth is not None and keys * values != 1:
-        raise ValueError(f"depth places a single needle; task {task!r} has {keys * values}.")
-    names = rng.sample(KEYS, keys)
-    numbers = [str(x) for x in rng.sample(range(10 ** (digits - 1), 10**digits), keys * values)]
-    per_key = {k: numbers[i * values : (i + 1) * values] for i, k in enumerate(names)}
-    lead = "One of the special magic numbers" if values > 1 else "The special magic number"
-    needles = [f"{lead} for {k} is {v}." for k in names for v in per_key[k]]
-    rng.shuffle(needles)
-    asked = names[:queries] if queries > 0 else names
+def _niah_ask(asked: list[str], values: int) -> tuple[str, str]:
+    """RULER's question and answer prefix for the numbers of the keys ``asked``, ``values`` numbers per key."""
     which = asked[0] if len(asked) == 1 else ", ".join(asked[:-1]) + f", and {asked[-1]}"
     one = values == 1 and len(asked) == 1
     question = (
@@ -160,7 +193,45 @@ def _niah(
         f"The special magic number{'' if one else 's'} for {which} mentioned in the provided text "
         f"{'is' if one else 'are'}"
     )
+    return question, prefix
+
+
+def niah(
+    task: str,
+    tokenizer: Any,
+    context_tokens: int,
+    rng: random.Random,
+    haystack: str,
+    keys: int = 1,
+    values: int = 1,
+    queries: int = 1,
+    digits: int = DEFAULT_DIGITS,
+    depth: float | None = None,
+    strict: bool = True,
+) -> Sample:
+    """The needle generator: ``keys`` x ``values`` needles ``The special magic number for KEY is N.`` (N with
+    ``digits`` digits, distinct) in the haystack; asks for the numbers of the first ``queries`` keys (-1: all).
+
+    ``depth`` places a single needle at that relative depth (default: random positions). ``strict=False``: a
+    ``context_tokens`` too short for the needles gives a document of the needles alone. ``meta``: ``keys``,
+    ``asked``, ``values`` (key -> its numbers), ``depths`` and ``questions`` (one per key, for :func:`questions`).
+    """
+    if depth is not None and keys * values != 1:
+        raise ValueError(f"depth places a single needle; task {task!r} has {keys * values}.")
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"digits must be an int >= 1, got {digits!r}")
+    names = rng.sample(KEYS, keys)
+    numbers = [str(x) for x in rng.sample(range(10 ** (digits - 1), 10**digits), keys * values)]
+    per_key = {k: numbers[i * values : (i + 1) * values] for i, k in enumerate(names)}
+    lead = "One of the special magic numbers" if values > 1 else "The special magic number"
+    needles = [f"{lead} for {k} is {v}." for k in names for v in per_key[k]]
+    rng.shuffle(needles)
+    asked = names[:queries] if queries > 0 else names
+    question, prefix = _niah_ask(asked, values)
     answers = [v for k in asked for v in per_key[k]]
+    each = [[*_niah_ask([k], values), per_key[k], 8 + values * (digits + 3)] for k in names]
     sample = Sample(
         task,
         "",
@@ -169,14 +240,14 @@ def _niah(
         NIAH_INSTRUCTION,
         prefix,
         8 + len(answers) * (digits + 3),
-        {"keys": names, "asked": asked},
+        {"keys": names, "asked": asked, "values": per_key, "questions": [[q, a, p, n] for q, p, a, n in each]},
     )
-    return _with_needles(tokenizer, sample, context_tokens, haystack, needles, rng, depth)
+    return _with_needles(tokenizer, sample, context_tokens, haystack, needles, rng, depth, strict)
 
 
 def _niah_variant(task: str, doc: str, **fixed: int) -> Callable[..., Sample]:
     def generate(tokenizer: Any, context_tokens: int, rng: random.Random, haystack: str, **options: int) -> Sample:
-        return _niah(task, tokenizer, context_tokens, rng, haystack, **{**fixed, **options})
+        return niah(task, tokenizer, context_tokens, rng, haystack, **{**fixed, **options})
 
     generate.__name__, generate.__qualname__, generate.__doc__ = task, task, doc
     return generate
@@ -211,16 +282,25 @@ def variable_tracking(
     needles: list[str] = []
     while any(statements):  # random interleaving of the chains, each kept in order
         needles.append(rng.choice([s for s in statements if s]).pop(0))
+    each = [
+        [
+            f"Find all variables that are assigned the value {value} in the text above.",
+            chain,
+            f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
+            f"assigned the value {value}, they are:",
+            8 + 8 * (hops + 1),
+        ]
+        for chain, value in zip(links, values)
+    ]
     sample = Sample(
         "variable_tracking",
         "",
-        f"Find all variables that are assigned the value {values[0]} in the text above.",
+        each[0][0],
         links[0],
         "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
-        f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
-        f"assigned the value {values[0]}, they are:",
-        8 + 8 * (hops + 1),
-        {"chains": links, "values": values},
+        each[0][2],
+        each[0][3],
+        {"chains": links, "values": values, "questions": each},
     )
     return _with_needles(tokenizer, sample, context_tokens, haystack, needles, rng)
 
@@ -304,27 +384,46 @@ _FACTS = (  # fact, question, slot; the answer prefix is the fact up to the answ
 def qa(tokenizer: Any, context_tokens: int, rng: random.Random, haystack: str, distractors: int = 2) -> Sample:
     """A fact about a fictional person hidden among ``distractors`` facts about others; a question about it."""
     people = rng.sample([f"{a} {b}" for a in _FIRST for b in _LAST], distractors + 1)
-    facts, answer, question, prefix = [], "", "", ""
-    for i, person in enumerate(people):
+    facts, each = [], []
+    for person in people:
         fact, ask, slot = rng.choice(_FACTS)
         value = rng.choice(_SLOTS[slot])
         facts.append(fact.format(p=person, **{slot: value}))
-        if i == 0:
-            answer, question = value, ask.format(p=person)
-            prefix = fact.split("{" + slot + "}")[0].format(p=person).rstrip()
+        prefix = fact.split("{" + slot + "}")[0].format(p=person).rstrip()
+        each.append([ask.format(p=person), [value], prefix, 16])
     rng.shuffle(facts)
+    question, answers, prefix, max_new = each[0]
     sample = Sample(
         "qa",
         "",
         question,
-        [answer],
+        answers,
         "Answer the question based on the given document. Only give me "
         "the answer and do not output any other words.\n\nThe following is the document.\n\n",
         prefix,
-        16,
-        {"person": people[0]},
+        max_new,
+        {"person": people[0], "questions": each},
     )
     return _with_needles(tokenizer, sample, context_tokens, haystack, facts, rng)
+
+
+OPEN_INSTRUCTION = "Read the following text carefully.\n\n"
+_OPEN_QUESTIONS = {
+    "summary": "Summarize the text above in a few sentences.",
+    "continuation": "Continue the text above: write the next few sentences, in the same style.",
+}
+
+
+def _open_task(task: str) -> Callable[..., Sample]:
+    def generate(tokenizer: Any, context_tokens: int, rng: random.Random, haystack: str) -> Sample:
+        sample = Sample(task, "", _OPEN_QUESTIONS[task], [], OPEN_INSTRUCTION, "", 64)
+        budget = _body_budget(tokenizer, context_tokens, sample, 16)
+        sample.context = " ".join(_haystack(tokenizer, haystack, budget, rng))
+        return sample
+
+    generate.__name__ = generate.__qualname__ = task
+    generate.__doc__ = f"Open-ended: a document of haystack text, then {_OPEN_QUESTIONS[task]!r} (no answer to match)."
+    return generate
 
 
 TaskFn = Callable[..., Sample]
@@ -338,6 +437,7 @@ TASKS: dict[str, TaskFn] = {
     "frequent_words": frequent_words,
     "qa": qa,
 }
+OPEN_TASKS: dict[str, TaskFn] = {name: _open_task(name) for name in _OPEN_QUESTIONS}
 
 
 def make_samples(
@@ -350,19 +450,21 @@ def make_samples(
     depths: list[float] | None = None,
     **options: Any,
 ) -> list[Sample]:
-    """``n`` samples of ``task`` with a context prompt of ~``context_tokens`` tokens; same seed, same samples.
+    """``n`` samples of ``task`` (:data:`TASKS` or :data:`OPEN_TASKS`) with a context prompt of ~``context_tokens``
+    tokens; same seed, same samples.
 
     ``options`` go to the generator (e.g. ``digits=4`` for the needle tasks). ``depths`` (niah_single only):
     sample i has its needle at ``depths[i % len(depths)]``, for depth x length heatmaps.
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}. Valid tasks: {', '.join(TASKS)}.")
+    generators = {**TASKS, **OPEN_TASKS}
+    if task not in generators:
+        raise ValueError(f"Unknown task {task!r}. Valid tasks: {', '.join(generators)}.")
     if haystack not in HAYSTACKS:
         raise ValueError(f"Unknown haystack {haystack!r}. Valid haystacks: {', '.join(HAYSTACKS)}.")
     if depths and task != "niah_single":
         raise ValueError(f"depths place the single needle of niah_single; task {task!r} does not take them.")
     return [
-        TASKS[task](
+        generators[task](
             tokenizer,
             context_tokens,
             random.Random(f"{task}/{seed}/{i}"),
@@ -374,12 +476,34 @@ def make_samples(
     ]
 
 
+def questions(sample: Sample) -> list[Sample]:
+    """Every question the sample's context answers, each a :class:`Sample` with the same instruction and context
+    (so the same ``context_ids``): one per key for the needle tasks (all of that key's numbers), one per chain for
+    variable tracking, one per person for QA; the sample itself for tasks with a single question. The sample's own
+    question is not among them for niah_multiquery (which asks every key at once): each key is asked alone."""
+    asked = sample.meta.get("questions")
+    if not asked:
+        return [sample]
+    return [
+        dataclasses.replace(
+            sample, question=q, answers=list(a), answer_prefix=p, max_new_tokens=n, meta={**sample.meta, "question": i}
+        )
+        for i, (q, a, p, n) in enumerate(asked)
+    ]
+
+
 def _normalize(text: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
 
 
 def score(sample: Sample, generated_text: str) -> float:
-    """RULER string-match-all: the fraction of expected answers found (whole words, case-insensitive)."""
+    """RULER string-match-all: the fraction of expected answers found (whole words, case-insensitive; thousands
+    separators ``1,234,567`` are read as ``1234567``). The one answer-matching helper of adakv (``adakv.needle``'s
+    ``is_correct`` is ``score == 1``)."""
+    if not sample.answers:
+        raise ValueError(
+            f"Task {sample.task!r} is open-ended (no expected answer): measure it with the fidelity metrics."
+        )
     text = _normalize(generated_text)
     found = sum(
         re.search(rf"(?<![0-9A-Za-z]){re.escape(a)}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
@@ -388,4 +512,20 @@ def score(sample: Sample, generated_text: str) -> float:
     return found / len(sample.answers)
 
 
-__all__ = ["EncodedSample", "HAYSTACKS", "Sample", "TASKS", "encode_sample", "make_samples", "prompt_layout", "score"]
+__all__ = [
+    "DEFAULT_DIGITS",
+    "EncodedSample",
+    "HAYSTACKS",
+    "KEYS",
+    "NIAH_INSTRUCTION",
+    "OPEN_TASKS",
+    "Sample",
+    "TASKS",
+    "encode_sample",
+    "layout",
+    "make_samples",
+    "niah",
+    "prompt_layout",
+    "questions",
+    "score",
+]
