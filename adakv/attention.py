@@ -37,7 +37,7 @@ def original_attention(base: str, module: nn.Module) -> Callable:
     return eager
 
 
-def _validity(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def mask_validity(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Bool ``[B, n]``: which of the last ``n`` key positions are real tokens (not padding), or None if all."""
     if mask is None:
         return None
@@ -67,7 +67,7 @@ def _adakv_attention(
         scaling = query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
     q_len = query.shape[2]
-    valid = _validity(attention_mask, q_len) if q_len > 1 else None  # a decoded token is always real: no sync
+    valid = mask_validity(attention_mask, q_len) if q_len > 1 else None  # a decoded token is always real: no sync
 
     def dense() -> torch.Tensor:  # the model's own attention over the new tokens alone (a first prompt chunk)
         fn = original_attention("eager" if softcap is not None else base, module)

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -76,9 +75,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .attention import mask_validity, original_attention
 from .kernels import block_sparse_reference as reference
 from .policy import PrefillAttention
 
@@ -371,15 +370,6 @@ def _layer_idx(module: nn.Module) -> int:
 _POLICIES: weakref.WeakKeyDictionary[nn.Module, CritiPrefill] = weakref.WeakKeyDictionary()
 
 
-def _original(base: str, module: nn.Module) -> Callable:
-    if base == "sdpa":
-        return sdpa_attention_forward
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; use sdpa.")
-    return eager
-
-
 def _valid_keys(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
     """Bool ``[B, L_k]`` real keys, read from the last query's mask row (it sees every real key), or None."""
     if mask is None:
@@ -388,8 +378,7 @@ def _valid_keys(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
         raise ValueError(
             f"CritiPrefill cannot read the key padding from an attention mask of shape {tuple(mask.shape)}"
         )
-    row = mask[:, 0, -1, -k_len:]
-    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return mask_validity(mask, k_len)
 
 
 def _make(base: str) -> Callable:
@@ -412,7 +401,7 @@ def _make(base: str) -> Callable:
             or not policy.is_sparse(module, q_len, k_len)
         )
         if stock:
-            return _original(base, module)(
+            return original_attention(base, module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         if kwargs.get("s_aux") is not None:
