@@ -202,6 +202,7 @@ class AdaKVCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         self._link_cascade(layers)
+        self._first_compressed = layer_types.index("full_attention")  # decides each forward's prompt phase
         super().__init__(layers=layers)
         attention.activate(model if model_obj is not None else config, name)  # last: nothing changes on bad input
 
@@ -233,7 +234,7 @@ class AdaKVCache(Cache):
                 "Create one AdaKVCache per model."
             )
         if layer_idx == 0:  # the forward's first layer decides, before any layer stores anything
-            first = next(layer for layer in self.layers if isinstance(layer, AdaKVLayer))
+            first = self.layers[self._first_compressed]
             self.shared.phase.begin_forward(key_states.shape[-2], first.store is None, self.policy.selection.window)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -12,7 +12,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .kernels import backend
 from .scorers import PassAttention, ScoreInputs
 from .selection import Choice, pack_kept
-from .storage import MIN_SLACK, RaggedKV
+from .storage import MIN_SLACK, RaggedKV, fit_width
 
 if TYPE_CHECKING:
     from .policy import CachePolicy, SharedState
@@ -284,13 +284,7 @@ class AdaKVLayer(CacheLayerMixin):
         v_view, _ = store.view(store.values)
         query = k_view.new_zeros(k_view.shape[0], k_view.shape[1], 0, k_view.shape[-1])
         inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), 1.0, None, module)
-        width = k_view.shape[2]
-        scores = self.context_scores[..., :width]
-        if scores.shape[-1] < width:
-            scores = torch.nn.functional.pad(scores, (0, width - scores.shape[-1]))
-        pad = width - store.length[..., None]
-        offs = torch.arange(width, device=scores.device)
-        scores = scores.gather(-1, (offs - pad).clamp(min=0)).masked_fill(offs < pad, 0.0)  # rows -> view
+        scores = store.rows_to_view(self.context_scores, 0.0, k_view.shape[2])
         scorer = self.policy.selection.scorer
         return inputs, scorer.finalize(scores, inputs)
 
@@ -363,16 +357,11 @@ class AdaKVLayer(CacheLayerMixin):
         device = store.start.device
         offs = torch.arange(width, device=device)
         count = self.pos_count.to(device)[..., None]
-        known = self.pos_rows[..., :width]
-        if known.shape[-1] < width:
-            known = torch.nn.functional.pad(known, (0, width - known.shape[-1]), value=-1)
+        known = fit_width(self.pos_rows, width, -1)
         later = self.pos_next.to(device)[:, None, None] + offs - count
         length = store.length[..., None]
         rows = torch.where(offs < count, known, later).masked_fill(offs >= length, -1)
-        if not view:
-            return rows
-        pad = width - length
-        return rows.gather(-1, (offs - pad).clamp(min=0)).masked_fill(offs < pad, -1)
+        return store.rows_to_view(rows, -1, width) if view else rows
 
     # -- batch manipulation (beam search, contrastive search, num_return_sequences) --------------------------------
     def batch_select_indices(self, indices: torch.Tensor) -> None:

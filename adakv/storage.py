@@ -168,15 +168,19 @@ class RaggedKV:
         idx = (self.start[..., None] + offs - pad).clamp_(min=0, max=max(buffer.shape[0] - 1, 0))
         return buffer[idx], inside
 
+    def rows_to_view(self, rows: torch.Tensor, fill: float | bool, width: int | None = None) -> torch.Tensor:
+        """Per-row values ``[B, H, M']`` (row order, as ``pack_kept`` gives them) lined up with :meth:`view`'s
+        columns ``[B, H, width]``; ``fill`` in front of shorter segments."""
+        width = self.max_length() if width is None else width
+        rows = fit_width(rows, width, fill)
+        pad = width - self.length.to(rows.device)[..., None]
+        offs = torch.arange(width, device=rows.device)
+        return rows.gather(-1, (offs - pad).clamp(min=0)).masked_fill(offs < pad, fill)
+
     def retain(self, keep: torch.Tensor) -> None:
         """Keep only the tokens where ``keep`` ``[B, H, M]`` (over each segment's rows, in row order) is True."""
         width = max(self.max_length(), 1)
-        keep = keep[..., :width]
-        if keep.shape[-1] < width:
-            keep = torch.nn.functional.pad(keep, (0, width - keep.shape[-1]))
-        pad = width - self.length.to(keep.device)[..., None]
-        offs = torch.arange(width, device=keep.device)
-        right = keep.gather(-1, (offs - pad).clamp(min=0)) & (offs >= pad)  # the same mask, right-aligned
+        right = self.rows_to_view(keep, False, width)  # the same mask, right-aligned
         keys, inside = self.view(self.keys, width)
         values, _ = self.view(self.values, width)
         self.replace(keys, values, right & inside)
@@ -189,3 +193,11 @@ class RaggedKV:
     def select_batch(self, index: torch.Tensor) -> None:
         """Make row b a copy of row ``index[b]`` (reorder, select or repeat sequences)."""
         self._relayout(self._cap_host[index.to("cpu", torch.int64)], source_index=index)
+
+
+def fit_width(values: torch.Tensor, width: int, fill: float | bool) -> torch.Tensor:
+    """``values`` ``[..., M]`` cut or padded with ``fill`` to ``[..., width]``."""
+    values = values[..., :width]
+    if values.shape[-1] < width:
+        values = torch.nn.functional.pad(values, (0, width - values.shape[-1]), value=fill)
+    return values
