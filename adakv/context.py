@@ -56,8 +56,8 @@ def compress_context(
         phase.mode = "hold"
         if chunk_size is None:
             model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        else:
-            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
+        else:  # held whole: nothing is selected until the passes ran, so no lookahead
+            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=False)
         stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
         seen = [layer.seen for layer in layers]
         n_real = mask.sum(-1)

@@ -174,7 +174,8 @@ class AdaKVLayer(CacheLayerMixin):
         """Select and compact this layer's first prompt chunk from its dense K/V ``[B, H, L, D]``."""
         if self.ops is None:
             self.lazy_initialization(keys, values)
-        self.n_real = valid.sum(-1).to("cpu", torch.int64)
+        probe = self._forget_probe()
+        self.n_real = valid.sum(-1).to("cpu", torch.int64) - probe
         heads = keys.shape[1]
         positions = (torch.cumsum(valid.long(), -1) - 1).masked_fill(~valid, -1)[:, None].expand(-1, heads, -1)
         valid_heads = valid[:, None].expand(-1, heads, -1)
@@ -182,7 +183,7 @@ class AdaKVLayer(CacheLayerMixin):
         if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
             choice = Choice(valid_heads.clone())
         else:
-            choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
+            choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade, lookahead=probe)
         self.store = RaggedKV.from_dense(keys, values, choice.keep, slack=self._slack(), ops=self.ops)
         self._compacted(inputs, choice)
 
@@ -198,10 +199,20 @@ class AdaKVLayer(CacheLayerMixin):
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
         inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), scaling, softcap, module)
-        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade)
-        store.replace(k_view, v_view, choice.keep)
+        probe = self._forget_probe()
+        if probe:
+            self.n_real = self.n_real - probe
+        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade, lookahead=probe)
+        store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
         self._compacted(inputs, choice)
         return out
+
+    def _forget_probe(self) -> int:
+        """Tokens at the end of this prompt chunk that are a lookahead probe (:func:`adakv.prefill_in_chunks`):
+        they are attended and scored with like the rest, then dropped, so they do not count as seen."""
+        probe = self.shared.phase.lookahead
+        self.seen -= probe
+        return probe
 
     def _append(self, module, query, keys, values, valid, scaling, softcap, observe: bool = True) -> torch.Tensor:
         store = self.store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +47,8 @@ class PromptPhase:
         self.mode: str | None = None
         self.scoring = None  # the current ScoringPass
         self.hidden: dict[int, torch.Tensor] = {}  # attention modules' inputs during a pass, by id(module)
+        # set by prefill_in_chunks: the last this many tokens of the forward are a probe (see there)
+        self.lookahead = 0
 
     def begin_forward(self, q_len: int, first: bool, window: int) -> None:
         if first and self.context_scorer and self.mode is None:
@@ -78,6 +80,40 @@ def compressing(cache: AdaKVCache) -> Iterator[AdaKVCache]:
         phase.explicit -= 1
 
 
+def chunk_bounds(length: int, chunk_size: int, window: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of each chunk: ``chunk_size`` tokens each, except that the last one takes at least
+    ``window`` tokens (from the one before it), so the prompt's final selection sees a whole observation window."""
+    bounds = [(lo, min(lo + chunk_size, length)) for lo in range(0, length, chunk_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < window:
+        cut = length - window
+        bounds[-2:] = [(bounds[-2][0], cut), (cut, length)]
+    return bounds
+
+
+@contextmanager
+def _stock_layers_skip_probe(cache: AdaKVCache, probe: int) -> Iterator[None]:
+    """During a forward whose last ``probe`` tokens are a lookahead probe, the stock layers (sliding-window
+    ones) store only the tokens before the probe, and attend with the probe appended as usual."""
+    from .layer import AdaKVLayer
+
+    def skipping(layer):
+        def update(keys, values, *args, **kwargs):
+            cut = keys.shape[-2] - probe
+            k, v = type(layer).update(layer, keys[..., :cut, :], values[..., :cut, :], *args, **kwargs)
+            return torch.cat([k, keys[..., cut:, :]], -2), torch.cat([v, values[..., cut:, :]], -2)
+
+        return update
+
+    stock = [layer for layer in cache.layers if not isinstance(layer, AdaKVLayer)]
+    for layer in stock:
+        layer.update = skipping(layer)
+    try:
+        yield
+    finally:
+        for layer in stock:
+            del layer.update
+
+
 @torch.no_grad()
 def prefill_in_chunks(
     model,
@@ -85,35 +121,67 @@ def prefill_in_chunks(
     input_ids: torch.Tensor,
     chunk_size: int,
     attention_mask: torch.Tensor | None = None,
+    lookahead: bool = True,
 ) -> torch.Tensor:
     """Feed a long prompt (a document) through ``model`` in chunks of ``chunk_size`` tokens, compressing
     after each chunk, so the K/V held never exceeds the budget of the tokens seen plus one chunk.
 
-    Returns the logits of the last position ``[B, vocab]``. Afterwards the cache is an ordinary compressed
-    cache: ``model.generate(full_ids, past_key_values=cache)`` appends the question and decodes (the
-    question is not evicted). ``attention_mask`` (left padding) covers ``input_ids``.
+    ``lookahead`` (default): every chunk but the last is scored as a one-shot prefill would score it, from
+    the prompt's *final* observation window (its last ``window`` tokens: the question, when the prompt ends
+    with one). Those tokens are run after the chunk as a probe, at their own positions, attending over what
+    the cache holds plus the chunk; the scorer sees them as its window; then they are forgotten (not kept,
+    not counted; the stock sliding-window layers never store them). Each chunk then costs ``window`` more
+    tokens of compute. The probe's hidden states are approximate (it sees the compressed past, not the whole
+    prompt). ``lookahead=False``: each chunk is scored from its own last ``window`` tokens, which are kept.
+    Without a lookahead, a question at the end of the prompt is seen only by the last chunk's selection.
+
+    The last chunk holds at least ``window`` tokens (taken from the one before it). Returns the logits of
+    the last position ``[B, vocab]``. Afterwards the cache is an ordinary compressed cache:
+    ``model.generate(full_ids, past_key_values=cache)`` appends the question and decodes (the question is
+    not evicted). ``attention_mask`` (left padding) covers ``input_ids``.
     """
     window = cache.policy.selection.window
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < window:
         raise ValueError(
             f"chunk_size must be an int >= the cache's observation window ({window} tokens), got {chunk_size!r}."
         )
+    if not isinstance(lookahead, bool):
+        raise TypeError(f"lookahead must be True or False, got {lookahead!r}.")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
     if cache.get_seq_length():
         raise ValueError("prefill_in_chunks needs an empty cache (a new AdaKVCache, or cache.reset()).")
+    length = input_ids.shape[1]
+    bounds = chunk_bounds(length, chunk_size, window)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    # positions as generate() gives them: counted over real tokens, so a later question continues them
+    positions = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
+    probe = window if lookahead and len(bounds) > 1 else 0
+    if probe and not bool(mask[:, -probe:].all()):
+        raise ValueError(
+            f"lookahead probes with the prompt's last {window} tokens, but some sequence has fewer real tokens: "
+            "pass lookahead=False for such a batch."
+        )
+    phase = cache.shared.phase
     logits = None
     with compressing(cache):
-        for lo in range(0, input_ids.shape[1], chunk_size):
-            hi = min(lo + chunk_size, input_ids.shape[1])
-            kwargs = {}
-            if attention_mask is not None:
-                mask = attention_mask[:, :hi]
-                kwargs["attention_mask"] = mask
-                # positions as generate() gives them: counted over real tokens, so a later question continues them
-                kwargs["position_ids"] = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)[:, lo:hi]
-            out = model(input_ids[:, lo:hi], past_key_values=cache, use_cache=True, **kwargs)
+        for lo, hi in bounds:
+            ids, chunk_mask, pos = input_ids[:, lo:hi], mask[:, :hi], positions[:, lo:hi]
+            ahead = probe if hi < length else 0
+            if ahead:
+                ids = torch.cat([ids, input_ids[:, -ahead:]], -1)
+                chunk_mask = torch.cat([chunk_mask, mask[:, -ahead:]], -1)
+                pos = torch.cat([pos, positions[:, -ahead:]], -1)
+            kwargs = {"position_ids": pos}
+            if attention_mask is not None or ahead:
+                kwargs["attention_mask"] = chunk_mask
+            phase.lookahead = ahead
+            try:
+                with _stock_layers_skip_probe(cache, ahead) if ahead else nullcontext():
+                    out = model(ids, past_key_values=cache, use_cache=True, **kwargs)
+            finally:
+                phase.lookahead = 0
             logits = out.logits[:, -1]
     return logits

@@ -105,17 +105,21 @@ class Selection:
         per_head = self.allocator.layer_budget(per_head, n_seen, layer, num_layers, self.window)
         return per_head.clamp(min=1).minimum(n_seen.clamp(min=1))
 
-    def rank(self, inputs: ScoreInputs, n_seen: torch.Tensor, scores: torch.Tensor | None = None) -> Ranking | None:
+    def rank(
+        self, inputs: ScoreInputs, n_seen: torch.Tensor, scores: torch.Tensor | None = None, lookahead: int = 0
+    ) -> Ranking | None:
         """The scores the allocator ranks (+inf where kept by rule, -inf at padding) and the budgets; None when
-        every sequence keeps all its candidates. ``scores``: use these instead of calling the scorer."""
-        valid = inputs.valid
+        every sequence keeps all its candidates. ``scores``: use these instead of calling the scorer;
+        ``lookahead``: see :meth:`select`."""
+        valid = candidates(inputs, lookahead)
         heads, seq = inputs.keys.shape[1], inputs.keys.shape[2]
         per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers)
         whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
         if bool(whole.all()):
             return None
         out = self.scorer(inputs) if scores is None else scores
-        protect = torch.minimum(per_head, torch.tensor(self.window)).to(valid.device)
+        # the window is kept by rule; under a lookahead the window is the probe, which is not a candidate
+        protect = torch.minimum(per_head, torch.tensor(0 if lookahead else self.window)).to(valid.device)
         from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
         protected = (from_end[None, :] < protect[:, None])[:, None, :]  # right-aligned: the window is the tail
         budget = per_head.to(valid.device)
@@ -135,13 +139,17 @@ class Selection:
         n_seen: torch.Tensor,
         cascade: Cascade | None = None,
         scores: torch.Tensor | None = None,
+        lookahead: int = 0,
     ) -> Choice:
         """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``.
 
         ``cascade``: the cross-layer cascade this layer competes in; ``scores``: use these instead of calling
-        the scorer (a context scorer's finalized scores)."""
-        valid = inputs.valid
-        ranking = self.rank(inputs, n_seen, scores)
+        the scorer (a context scorer's finalized scores); ``lookahead``: the last this many columns are a probe
+        (the prompt's final window, run ahead of its turn by :func:`adakv.prefill_in_chunks`): the scorer sees
+        them as its window, but they are not candidates (never kept, not counted in ``n_seen``) and no other
+        token is kept by rule."""
+        valid = candidates(inputs, lookahead)
+        ranking = self.rank(inputs, n_seen, scores, lookahead)
         if ranking is None:
             return Choice(valid.clone())
         if cascade is not None:
@@ -167,6 +175,15 @@ class Selection:
             f"Selection(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, "
             f"window={self.window})"
         )
+
+
+def candidates(inputs: ScoreInputs, lookahead: int) -> torch.Tensor:
+    """``inputs.valid`` without the last ``lookahead`` columns (a probe that is scored with, not kept)."""
+    if not lookahead:
+        return inputs.valid
+    valid = inputs.valid.clone()
+    valid[..., valid.shape[-1] - lookahead :] = False
+    return valid
 
 
 def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
             "tokens, instead of replaying one recorded one-shot prefill",
         )
         p.add_argument(
+            "--no-lookahead",
+            action="store_true",
+            help="with --prefill-chunk-size: score each chunk from its own end instead of probing with the "
+            "prompt's final window (adakv.prefill_in_chunks(lookahead=False))",
+        )
+        p.add_argument(
             "--depths",
             nargs="+",
             type=float,

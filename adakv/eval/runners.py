@@ -50,14 +50,15 @@ MODES = ("aware", "agnostic", "multi")
 CacheFactory = Callable[[Any], Cache]  # (model) -> an empty cache
 
 
-def chunked_prefill(chunk_size: int) -> Prefill:
+def chunked_prefill(chunk_size: int, lookahead: bool = True) -> Prefill:
     """A :data:`~adakv.eval.metrics.Prefill` feeding an AdaKVCache the prefix in chunks of ``chunk_size`` tokens
-    (:func:`adakv.prefill_in_chunks`, compressing after each); any other cache gets one forward."""
+    (:func:`adakv.prefill_in_chunks`, compressing after each, with its ``lookahead``); any other cache gets one
+    forward."""
     from ..prompt import prefill_in_chunks
 
     def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(cache, AdaKVCache):
-            return prefill_in_chunks(model, cache, ids, chunk_size)
+            return prefill_in_chunks(model, cache, ids, chunk_size, lookahead=lookahead)
         return forward_prefill(model, cache, ids)
 
     return prefill
@@ -69,11 +70,11 @@ def _context_scorer_class() -> type | None:
     return getattr(scorers, "ContextScorer", None)
 
 
-def auto_prefill(tok: Any, chunk_size: int | None = None) -> Prefill:
+def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True) -> Prefill:
     """How the harness fills a cache it builds live: :func:`adakv.compress_context` when the cache's scorer needs
     extra passes over the context (a ContextScorer such as KVzip; no logits come back), a chunked prefill when
-    ``chunk_size`` is given, else one forward."""
-    chunked = chunked_prefill(chunk_size) if chunk_size else forward_prefill
+    ``chunk_size`` is given (with ``lookahead``, see :func:`adakv.prefill_in_chunks`), else one forward."""
+    chunked = chunked_prefill(chunk_size, lookahead) if chunk_size else forward_prefill
     context_scorer = _context_scorer_class()
 
     def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor | None:
@@ -136,7 +137,8 @@ def contenders(
     / ``args.prefill_chunk_size`` / a ContextScorer), then the named ``caches`` (live, prefilled with ``prefill``,
     else :func:`auto_prefill`)."""
     chunk = getattr(args, "prefill_chunk_size", None)
-    live = prefill if prefill is not None else auto_prefill(tok, chunk)
+    lookahead = not getattr(args, "no_lookahead", False)
+    live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead)
     window = args.window
     out = []
     for method in args.methods:

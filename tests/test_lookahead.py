@@ -1,0 +1,150 @@
+"""Chunked prefill with a lookahead probe: every chunk is scored from the prompt's final window, which is
+attended and then forgotten (not kept, not counted, never stored by the stock sliding-window layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import padded_batch, tiny_model
+
+from adakv import AdaKVCache, SnapKV, prefill_in_chunks
+from adakv.layer import AdaKVLayer
+from adakv.prompt import chunk_bounds
+
+pytestmark = pytest.mark.fast
+
+
+def compressed(cache):
+    return [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+
+
+def held_positions(layer: AdaKVLayer) -> list[list[list[int]]]:
+    rows = layer._positions(view=False)
+    return [[[int(p) for p in seg if p >= 0] for seg in b] for b in rows.cpu()]
+
+
+class Recorder(SnapKV):
+    """SnapKV that keeps the queries and candidate count of every call at one layer."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.calls: list[tuple[torch.Tensor, int]] = []
+
+    def __call__(self, inputs):
+        if inputs.module.layer_idx == self.layer_idx:
+            self.calls.append((inputs.queries.clone(), inputs.keys.shape[2]))
+        return super().__call__(inputs)
+
+
+def test_chunk_bounds_give_the_last_chunk_a_whole_window():
+    assert chunk_bounds(100, 40, 8) == [(0, 40), (40, 80), (80, 100)]
+    assert chunk_bounds(83, 40, 8) == [(0, 40), (40, 75), (75, 83)]
+    assert chunk_bounds(30, 40, 8) == [(0, 30)]
+    assert chunk_bounds(80, 40, 8) == [(0, 40), (40, 80)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_probe_leaves_no_trace(family):
+    """budget 1 keeps every token: a chunked prefill with lookahead must then equal a one-shot prefill exactly
+    (logits, held positions, seen tokens, and the greedy continuation): a probe token left in any layer
+    (compressed or stock sliding-window) would change them."""
+    model = tiny_model(family)
+    ids, mask = padded_batch(seq_len=90, pad=20)
+    window = 8
+    one = AdaKVCache(model, budget=1.0, window=window)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() and prefill_in_chunks count them
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=positions, past_key_values=one).logits[:, -1]
+    chunked = AdaKVCache(model, budget=1.0, window=window)
+    logits = prefill_in_chunks(model, chunked, ids, 32, attention_mask=mask)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+    assert chunked.get_seq_length() == one.get_seq_length() == 90
+    for a, b in zip(compressed(one), compressed(chunked)):
+        assert held_positions(a) == held_positions(b)
+        assert torch.equal(a.n_real, b.n_real)
+    for idx, layer in enumerate(one.layers):
+        if not isinstance(layer, AdaKVLayer):
+            torch.testing.assert_close(chunked.layers[idx].keys, layer.keys)
+    step = torch.full((ids.shape[0], 1), 5)
+    full_mask = torch.cat([mask, torch.ones_like(step)], -1)
+    kwargs = dict(attention_mask=full_mask, position_ids=mask.sum(-1, keepdim=True))
+    with torch.no_grad():
+        after = [model(step, past_key_values=c, **kwargs).logits[:, -1] for c in (one, chunked)]
+    torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=1e-4)
+
+
+def test_every_chunk_is_scored_from_the_prompts_final_window():
+    """At the first layer, a query depends only on its token and position: the probe's queries in every chunk
+    must be the one-shot prefill's window queries."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=100, pad=10)
+    window = 8
+    one_scorer, chunk_scorer = Recorder(0), Recorder(0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = AdaKVCache(model, 0.3, scorer=one_scorer, window=window)
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    prefill_in_chunks(model, AdaKVCache(model, 0.3, scorer=chunk_scorer, window=window), ids, 32, attention_mask=mask)
+    ((one_q, _),) = one_scorer.calls
+    final = one_q[:, :, -window:]
+    assert len(chunk_scorer.calls) == 4  # chunks [0,32) [32,64) [64,92) [92,100)
+    for queries, _ in chunk_scorer.calls:
+        torch.testing.assert_close(queries[:, :, -window:], final, atol=1e-5, rtol=1e-4)
+    plain = Recorder(0)
+    prefill_in_chunks(
+        model, AdaKVCache(model, 0.3, scorer=plain, window=window), ids, 32, attention_mask=mask, lookahead=False
+    )
+    assert not torch.allclose(plain.calls[0][0][:, :, -window:], final)  # without it: the chunk's own end
+
+
+@pytest.mark.parametrize("method", ["ada-snapkv", "criticalkv", "layer-defensivekv"])
+def test_lookahead_keeps_the_budget_and_never_the_probe(method):
+    """After every chunk each sequence holds its allocation of the real tokens seen (the probe not counted,
+    nothing kept by rule but the real final window); afterwards the same totals as a one-shot prefill."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids, mask = padded_batch(seq_len=150, pad=40)
+    budget, window = 0.2, 8
+    cache = AdaKVCache(model, budget=budget, window=window, method=method)
+    heads = model.config.num_key_value_heads
+    trace = []
+
+    def spy(module, args, kwargs, output):
+        layer = cache.layers[module.layer_idx]
+        if layer.store is not None:
+            trace.append((module.layer_idx, layer.n_real.clone(), layer.store.lengths().sum(-1), layer.seen))
+
+    hooks = [block.self_attn.register_forward_hook(spy, with_kwargs=True) for block in model.model.layers]
+    try:
+        prefill_in_chunks(model, cache, ids, 32, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = len(model.model.layers)
+    for i, (idx, n_real, held, seen) in enumerate(trace):
+        allowed = torch.where(n_real > 0, torch.floor(n_real * budget + 0.5).long().clamp(min=1), 0) * heads
+        assert seen == 32 * (i // layers + 1) or seen == 150
+        assert (n_real == (mask[:, :seen].sum(-1))).all()
+        if method != "layer-defensivekv":  # the cascade settles its total over the layers, checked below
+            assert (held <= allowed).all(), (idx, n_real, held, allowed)
+    n = mask.sum(-1)
+    per_head = torch.floor(n * budget + 0.5).long()
+    totals = sum(layer.store.lengths().sum(-1) for layer in compressed(cache))
+    assert totals.tolist() == (per_head * heads * layers).tolist()
+    for layer in compressed(cache):
+        assert layer.get_seq_length() == 150
+        for b, segs in enumerate(held_positions(layer)):
+            for seg in segs:  # strictly increasing real positions: no probe duplicate
+                assert seg == sorted(set(seg)) and (not seg or (seg[0] >= 0 and seg[-1] <= int(n[b]) - 1))
+
+
+def test_lookahead_errors():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=64, pad=60)  # a sequence with 4 real tokens < window
+    cache = AdaKVCache(model, budget=0.3, window=8)
+    with pytest.raises(ValueError, match="lookahead=False"):
+        prefill_in_chunks(model, cache, ids, 16, attention_mask=mask)
+    assert cache.get_seq_length() == 0
+    with pytest.raises(TypeError, match="lookahead must be True or False"):
+        prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead="yes")
+    prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead=False)
