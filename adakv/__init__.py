@@ -8,7 +8,7 @@ out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 from .allocators import ALLOCATORS, AdaKV, Allocator, CrossLayerAllocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
 from .cache import AdaKVCache, kv_bytes
-from .context import compress_context
+from .context import compress_context, score_context, settle_context
 from .critiprefill import CritiPrefill, sparse_prefill
 from .decode import DECODE_POLICIES, DecodePolicy, H2ODecode, Rescore
 from .methods import METHODS
@@ -41,6 +41,8 @@ __all__ = [
     "PrefillAttention",
     "Rescore",
     "compress_context",
+    "score_context",
+    "settle_context",
     "sparse_prefill",
     "CritiPrefill",
     "prefill_in_chunks",

@@ -9,6 +9,7 @@ import torch
 from .layer import AdaKVLayer
 from .prompt import prefill_in_chunks
 from .scorers import ContextScorer
+from .selection import Choice, Selection
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
@@ -30,24 +31,60 @@ def compress_context(
     scorer's passes run after it (their tokens are forgotten afterwards, the stock sliding-window layers
     restored), then every compressed layer keeps what the observed scores and the allocator choose; a
     cross-layer allocator splits one budget over all layers at once (every layer's scores exist by then).
-    With any other scorer it is a plain (or chunked, ``chunk_size``) prefill. Afterwards the cache holds the
-    compressed context: ``model.generate(full_ids, past_key_values=cache)`` appends the question.
-    ``tokenizer``: what the scorer builds its passes' prompts with (KVzip needs it).
+    These are the two halves :func:`score_context` and :func:`settle_context`. With any other scorer it is
+    a plain (or chunked, ``chunk_size``) prefill. Afterwards the cache holds the compressed context:
+    ``model.generate(full_ids, past_key_values=cache)`` appends the question. ``tokenizer``: what the scorer
+    builds its passes' prompts with (KVzip needs it).
     """
-    if cache.get_seq_length():
-        raise ValueError("compress_context needs an empty cache (a new AdaKVCache, or cache.reset()).")
-    if context_ids.dim() != 2:
-        raise ValueError(f"context_ids must be [batch, seq], got shape {tuple(context_ids.shape)}.")
-    mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
-    if mask.shape != context_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} must match context_ids {tuple(context_ids.shape)}.")
-    scorer = cache.selection.scorer
-    if not isinstance(scorer, ContextScorer):
+    if not isinstance(cache.selection.scorer, ContextScorer):
+        _check_context(cache, context_ids, attention_mask)
+        mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
         if chunk_size is None:
             model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         else:
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
         return
+    score_context(model, cache, context_ids, attention_mask, tokenizer, chunk_size)
+    settle_context(model, cache)
+
+
+def _check_context(cache, context_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    if cache.get_seq_length():
+        raise ValueError("compress_context needs an empty cache (a new AdaKVCache, or cache.reset()).")
+    if context_ids.dim() != 2:
+        raise ValueError(f"context_ids must be [batch, seq], got shape {tuple(context_ids.shape)}.")
+    if attention_mask is not None and attention_mask.shape != context_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match context_ids {tuple(context_ids.shape)}."
+        )
+
+
+@torch.no_grad()
+def score_context(
+    model,
+    cache,
+    context_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    tokenizer=None,
+    chunk_size: int | None = None,
+) -> None:
+    """The first half of :func:`compress_context` for a context scorer: hold the context whole and run the
+    scorer's passes. The cache is then *scored*: it holds everything until :func:`settle_context`. Scoring
+    does not depend on the budget, so a budget sweep scores once and settles copies::
+
+        score_context(model, cache, ids, tokenizer=tok)
+        for budget in (0.1, 0.2, 0.5):
+            settled = copy.deepcopy(cache)
+            settle_context(model, settled, budget=budget)
+    """
+    scorer = cache.selection.scorer
+    if not isinstance(scorer, ContextScorer):
+        raise ValueError(
+            f"score_context runs a ContextScorer's passes; this cache's scorer is {type(scorer).__name__}. "
+            "Use compress_context (a plain prefill for it)."
+        )
+    _check_context(cache, context_ids, attention_mask)
+    mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
     passes = scorer.passes(context_ids, mask, tokenizer)  # checks the tokenizer before any work
     phase = cache.shared.phase
     layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
@@ -82,7 +119,24 @@ def compress_context(
             hook.remove()
         phase.mode, phase.scoring = None, None
         phase.hidden.clear()
+    phase.unsettled = True
+
+
+def settle_context(model, cache, budget: float | int | None = None) -> None:
+    """The second half of :func:`compress_context`: every compressed layer of a scored cache
+    (:func:`score_context`) keeps what its observed scores and the allocator choose. ``budget``: settle to
+    this budget instead of the one the cache was built with (the cache's selection then says so)."""
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    if any(layer.context_scores is None for layer in layers):
+        raise ValueError("settle_context needs a cache scored by score_context (and not settled yet).")
+    if budget is not None:
+        old = cache.selection
+        selection = Selection(budget, old.scorer, old.allocator, old.window)
+        if cache.policy.decode is not None:
+            cache.policy.decode.check(selection)
+        cache.policy.selection = selection
     _settle(cache, layers, _attention_modules(model))
+    cache.shared.phase.unsettled = False
 
 
 def _keep_hidden(phase):
@@ -96,8 +150,6 @@ def _keep_hidden(phase):
 
 def _settle(cache, layers: list[AdaKVLayer], modules: list[torch.nn.Module]) -> None:
     """One selection per layer from the observed scores; with a cross-layer allocator, one over all layers."""
-    from .selection import Choice
-
     by_index = {m.layer_idx: m for m in modules}
     selection = cache.selection
     ranked = []

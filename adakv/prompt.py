@@ -49,8 +49,14 @@ class PromptPhase:
         self.hidden: dict[int, torch.Tensor] = {}  # attention modules' inputs during a pass, by id(module)
         # set by prefill_in_chunks: the last this many tokens of the forward are a probe (see there)
         self.lookahead = 0
+        self.unsettled = False  # adakv.score_context ran, adakv.settle_context not yet
 
     def begin_forward(self, q_len: int, first: bool, window: int) -> None:
+        if self.unsettled and self.mode is None:
+            raise ValueError(
+                "This cache was scored (adakv.score_context) but not compressed yet: call "
+                "adakv.settle_context(model, cache) before using it."
+            )
         if first and self.context_scorer and self.mode is None:
             raise ValueError(
                 "This cache's scorer scores a context with extra forward passes (e.g. KVzip's reconstruction): "

@@ -448,6 +448,31 @@ def test_live_caches_equal_replayed_ones_and_take_a_chunked_prefill(tok, tiny_vo
 
 
 @pytest.mark.fast
+def test_context_scorer_cells_score_once_per_prefix(tok, tiny_vocab, monkeypatch):
+    """KVzip cells of several budgets: the passes run once per prefix, and every budget answers exactly as a cache
+    compressed from scratch at that budget."""
+    from adakv import KVzip, compress_context
+    from adakv.eval.runners import run_quality
+
+    calls = []
+    passes = KVzip.passes
+    monkeypatch.setattr(KVzip, "passes", lambda self, *a: calls.append(1) or passes(self, *a))
+    samples = _samples(tok, "niah_single", n=2, length=200)
+    args = _args(modes=["agnostic"], methods=["kvzip"], budgets=[0.2, 0.5])
+    shared, out_shared = run_quality(args, tiny_vocab, tok, samples)
+    assert len(calls) == 2  # two prefixes, two budgets: scored once per prefix
+
+    def scratch(model, cache, ids):
+        compress_context(model, cache, ids, tokenizer=tok)
+
+    alone, out_alone = run_quality(args, tiny_vocab, tok, samples, prefill=scratch)
+    assert len(calls) == 2 + 4
+    assert [o["text"] for o in out_shared] == [o["text"] for o in out_alone]
+    assert [r["kv_ratio"] for r in shared] == [r["kv_ratio"] for r in alone]
+    assert len({r["kv_ratio"] for r in shared if r["method"] == "kvzip"}) == 2
+
+
+@pytest.mark.fast
 def test_teacher_forced_metrics(tok, tiny_vocab):
     from adakv.eval.metrics import forced_logprobs, full_cache, greedy_decode, teacher_forced
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_models import ToyTokenizer, padded_batch, tiny_model
@@ -9,7 +11,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from adakv import AdaKVCache, KVzip, compress_context
+from adakv import AdaKVCache, KVzip, compress_context, score_context, settle_context
 from adakv.layer import AdaKVLayer
 
 pytestmark = pytest.mark.fast
@@ -120,3 +122,29 @@ def test_kvzip_errors():
     compress_context(model, full, ids, attention_mask=mask)  # any other scorer: a plain prefill
     with pytest.raises(ValueError, match="needs an empty cache"):
         compress_context(model, full, ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("method", ["kvzip", "kvzip+"])
+def test_score_once_settle_many_budgets(method):
+    """score_context + settle_context on copies at several budgets keeps exactly what compress_context keeps at
+    each budget; a scored cache refuses forwards until settled."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=60, pad=10)
+    tok = ToyTokenizer()
+    scored = AdaKVCache(model, 0.5, method=method)
+    score_context(model, scored, ids, attention_mask=mask, tokenizer=tok)
+    with pytest.raises(ValueError, match="call adakv.settle_context"), torch.no_grad():
+        model(ids[:, :3], attention_mask=torch.cat([mask, torch.ones_like(ids[:, :3])], -1), past_key_values=scored)
+    for budget in (0.2, 0.5, 7):
+        settled = copy.deepcopy(scored)
+        settle_context(model, settled, budget=budget)
+        assert settled.selection.budget == budget
+        direct = AdaKVCache(model, budget, method=method)
+        compress_context(model, direct, ids, attention_mask=mask, tokenizer=tok)
+        for a, b in zip(settled.layers, direct.layers):
+            assert torch.equal(a._positions(view=False), b._positions(view=False))
+            assert torch.equal(a.store.lengths(), b.store.lengths())
+        with pytest.raises(ValueError, match="needs a cache scored by score_context"):
+            settle_context(model, settled)
+    with pytest.raises(ValueError, match="score_context runs a ContextScorer's passes"):
+        score_context(model, AdaKVCache(model, 0.5), ids, attention_mask=mask, tokenizer=tok)

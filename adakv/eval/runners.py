@@ -73,20 +73,50 @@ def _context_scorer_class() -> type | None:
 def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True) -> Prefill:
     """How the harness fills a cache it builds live: :func:`adakv.compress_context` when the cache's scorer needs
     extra passes over the context (a ContextScorer such as KVzip; no logits come back), a chunked prefill when
-    ``chunk_size`` is given (with ``lookahead``, see :func:`adakv.prefill_in_chunks`), else one forward."""
+    ``chunk_size`` is given (with ``lookahead``, see :func:`adakv.prefill_in_chunks`), else one forward.
+
+    A context scorer's passes do not depend on the budget: the scored cache of the latest prefix is kept per
+    policy, and each budget settles a copy of it (:func:`adakv.score_context` / :func:`adakv.settle_context`,
+    the same result as compressing from scratch)."""
     chunked = chunked_prefill(chunk_size, lookahead) if chunk_size else forward_prefill
     context_scorer = _context_scorer_class()
+    scored: dict[tuple, Any] = {}
 
     def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor | None:
         scorer = getattr(getattr(cache, "selection", None), "scorer", None)
         if context_scorer is not None and isinstance(scorer, context_scorer):
-            from ..context import compress_context
+            from ..context import score_context, settle_context
 
-            compress_context(model, cache, ids, tokenizer=tok, chunk_size=chunk_size)
+            key = (_policy_key(cache), chunk_size, tuple(ids.shape), ids.cpu().numpy().tobytes())
+            if key not in scored:
+                scored.clear()  # a new prefix: the previous one's scored caches are not asked for again
+                fresh = copy.deepcopy(cache)
+                score_context(model, fresh, ids, tokenizer=tok, chunk_size=chunk_size)
+                scored[key] = fresh
+            settled = copy.deepcopy(scored[key])
+            settle_context(model, settled, budget=cache.selection.budget)
+            cache.__dict__.update(settled.__dict__)  # the caller's cache object takes the settled state
             return None
         return chunked(model, cache, ids)
 
     return prefill
+
+
+def _policy_key(cache: AdaKVCache) -> tuple:
+    """What a scored cache depends on: its policy without the budget."""
+    policy, selection = cache.policy, cache.selection
+    return tuple(
+        repr(x)
+        for x in (
+            selection.scorer,
+            selection.allocator,
+            selection.window,
+            policy.decode,
+            policy.backend,
+            policy.prefill_attention,
+            policy.reserve,
+        )
+    )
 
 
 def _needs_context_pass(method: str) -> bool:
