@@ -293,7 +293,9 @@ class AdaKVLayer(CacheLayerMixin):
         store = self.store
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
-        query = k_view.new_zeros(k_view.shape[0], k_view.shape[1], 0, k_view.shape[-1])
+        bsz, heads, _, dim = k_view.shape
+        group = module.o_proj.in_features // (heads * dim)  # query heads per KV head, for value-aware finalizers
+        query = k_view.new_zeros(bsz, heads * group, 0, dim)
         inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), 1.0, None, module)
         scores = store.rows_to_view(self.context_scores, 0.0, k_view.shape[2])
         scorer = self.policy.selection.scorer

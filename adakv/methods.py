@@ -50,6 +50,12 @@ METHODS: dict[str, Method] = {
     "kvzip+": Method(
         lambda: KVzip(normalize=True), LayerAdaptive, "KVzip+ (kvpress / KVzap, arXiv:2601.07891): ||W_O v|| / ||h||"
     ),
+    "kvzip-defensive": Method(
+        lambda: KVzip(defensive=True),
+        LayerAdaptive,
+        "KVzip scores with DefensiveKV's pooling, prior correction and value term (adakv's combination; "
+        "arXiv:2505.23416 + arXiv:2510.13334)",
+    ),
     "streamingllm": Method(StreamingLLM, Uniform, "StreamingLLM, Xiao et al. ICLR 2024 (arXiv:2309.17453)"),
     "tova": Method(TOVA, Uniform, "TOVA, Oren et al. 2024 (arXiv:2401.06104)"),
     "knorm": Method(KeyNorm, Uniform, "Knorm, Devoto et al. EMNLP 2024 (arXiv:2406.11430)"),

@@ -27,49 +27,78 @@ AttentionInterface.register("test_kvzip_recording", _recording)
 AttentionMaskInterface.register("test_kvzip_recording", sdpa_mask)
 
 
-def test_kvzip_matches_a_dense_simulation():
-    """One layer, one KV head (4 query heads): the kept positions are the top scores of an independent dense
-    computation of KVzip's reconstruction scores, and decoding afterwards equals a DynamicCache model whose
-    evicted positions are masked out."""
-    ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
-    ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=1)
+@pytest.mark.parametrize("defensive,kv_heads", [(False, 1), (True, 2)])
+def test_kvzip_matches_a_dense_simulation(defensive, kv_heads):
+    """One layer (4 query heads): the kept positions are the top scores of an independent dense computation of
+    KVzip's reconstruction scores (with ``defensive``: rows pooled, prior-corrected, times the value term), and
+    decoding afterwards equals a DynamicCache model whose evicted positions are masked out."""
+    ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
+    ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
     ref.set_attn_implementation("test_kvzip_recording")
     length, budget, window, sinks = 40, 14, 3, 2
-    scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3)
+    scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3, defensive=defensive)
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(2)).to(ours.device)
     cache = AdaKVCache(ours, budget, scorer=scorer, allocator="uniform", window=window)
     tok = ToyTokenizer()
     compress_context(ours, cache, ids, tokenizer=tok)
 
     dense = DynamicCache(config=ref.config)
-    scaling = ref.model.layers[0].self_attn.scaling
+    attn = ref.model.layers[0].self_attn
+    scaling, group, dim = attn.scaling, 4 // kv_heads, attn.head_dim
     with torch.no_grad():
         ref(ids, past_key_values=dense)
-        scores = torch.zeros(length, dtype=torch.float64)
+        values = dense.layers[0].values[0].double()  # [H, L, D]
+        scores = torch.zeros(kv_heads, length, dtype=torch.float64)
         for step in scorer.passes(ids, torch.ones_like(ids), tok):
             n = step.ids.shape[1]
             RECORDED.clear()
             ref(step.ids, past_key_values=dense, position_ids=torch.arange(length, length + n)[None])
-            q, k = RECORDED[-1][0][0].double(), RECORDED[-1][1][0, 0].double()  # [G, n, D], [L + n, D]
             dense.crop(-n)
             lo, hi = int(step.span_start[0]), int(step.span_end[0])
             cols = torch.zeros(length + n, dtype=torch.bool)
             cols[:sinks] = True
             cols[lo:hi] = True
             cols[length:] = True
-            logits = q @ k.T * scaling  # [G, n, L + n]
             causal = torch.arange(length + n)[None, :] <= torch.arange(length, length + n)[:, None]
-            probs = torch.softmax(logits.masked_fill(~(causal & cols), float("-inf")), -1)
-            scores[lo:hi] = torch.maximum(scores[lo:hi], probs[:, :, lo:hi].amax((0, 1)))
-    scores[:sinks] = float("inf")
-    scores[length - window :] = float("inf")
-    expected = sorted(scores.topk(budget).indices.tolist())
+            for h in range(kv_heads):
+                q = RECORDED[-1][0][0, h * group : (h + 1) * group].double()  # [G, n, D]
+                k = RECORDED[-1][1][0, h].double()  # [L + n, D]
+                probs = torch.softmax((q @ k.T * scaling).masked_fill(~(causal & cols), float("-inf")), -1)
+                row = torch.zeros_like(probs)
+                row[..., lo:hi] = probs[..., lo:hi]
+                if defensive:  # average-pool each row over the span (kernel 5, zero padding), keep its mass
+                    pooled = torch.nn.functional.avg_pool1d(row.reshape(-1, 1, length + n), 5, 1, 2)
+                    pooled = pooled.reshape(row.shape)
+                    span = torch.zeros_like(pooled)
+                    span[..., lo:hi] = pooled[..., lo:hi]
+                    row = span * row.sum(-1, keepdim=True) / span.sum(-1, keepdim=True)
+                scores[h, lo:hi] = torch.maximum(scores[h, lo:hi], row[..., lo:hi].amax((0, 1)))
+    if defensive:
+        scores = torch.maximum(scores, scores.mean(-1, keepdim=True))
+        w = attn.o_proj.weight.double()  # [hidden, H_q * D]
+        norms = torch.stack(
+            [
+                torch.stack(
+                    [
+                        (values[h] @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T).abs().sum(-1)
+                        for g in range(group)
+                    ]
+                ).mean(0)
+                for h in range(kv_heads)
+            ]
+        )  # [H, L]
+        scores = scores * norms / norms.sum(0, keepdim=True)
+    scores[:, :sinks] = float("inf")
+    scores[:, length - window :] = float("inf")
+    expected = [sorted(scores[h].topk(budget).indices.tolist()) for h in range(kv_heads)]
     layer = cache.layers[0]
-    assert layer._positions(view=False)[0, 0].tolist() == expected
+    assert layer._positions(view=False)[0].tolist() == expected
     assert cache.get_seq_length() == length
+    if kv_heads > 1:  # heads keep different tokens, so the masked reference needs one mask per head
+        return
 
     mask = torch.zeros(1, length, dtype=torch.long)
-    mask[0, expected] = 1
+    mask[0, expected[0]] = 1
     with torch.no_grad():
         nxt = torch.tensor([[7]])
         for pos in range(length, length + 6):

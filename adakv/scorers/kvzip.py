@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import ContextScorer, PassAttention, ScoreInputs, ScoringPass
+from .criticalkv import value_perturbation
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -37,6 +39,12 @@ class KVzip(ContextScorer):
     the token's value moves the output relative to the query's input: a_gtj * ||W_O^(g) v_j||_2 / ||h_t||_2
     before the max (h_t: the attention module's input hidden state of query t).
 
+    KVzip-Defensive (``defensive=True``, preset ``kvzip-defensive``; tried here, not a published method) adds
+    DefensiveKV's safeguards (arXiv:2510.13334) to the reconstruction scores: each pass query's attention row
+    is average-pooled over the context (kernel 5, mass kept) before the max, the per-head scores are raised to
+    at least their mean over the context (prior correction), and multiplied by the value term N_hj / sum_h' N_h'j
+    (N_hj = mean over the group of ||v_j W_O^(g)||_1).
+
     Deviations: the official code keeps its whole system prompt, kvpress the first 4 tokens; here
     ``sinks`` (4) tokens, and the cache's observation window (its last ``window`` tokens) is kept too.
     The softmax runs in fp32 (the official code in the model's dtype). Pass prompts are tokenized
@@ -50,16 +58,25 @@ class KVzip(ContextScorer):
 
     name = "kvzip"
 
-    def __init__(self, chunk_size: int = 2000, sinks: int = 4, overlap: int = 8, normalize: bool = False):
+    def __init__(
+        self,
+        chunk_size: int = 2000,
+        sinks: int = 4,
+        overlap: int = 8,
+        normalize: bool = False,
+        defensive: bool = False,
+    ):
         for label, value, low in (("chunk_size", chunk_size, 1), ("sinks", sinks, 0), ("overlap", overlap, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"KVzip {label} must be an int >= {low}, got {value!r}.")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"KVzip normalize must be True or False, got {normalize!r}.")
+        for label, flag in (("normalize", normalize), ("defensive", defensive)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"KVzip {label} must be True or False, got {flag!r}.")
         self.chunk_size = chunk_size
         self.sinks = sinks
         self.overlap = overlap
         self.normalize = normalize
+        self.defensive = defensive
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -120,6 +137,8 @@ class KVzip(ContextScorer):
                 probs = probs * weight[:, :, :, None, :] / hidden_norm[:, None, None, lo:hi, None].clamp_min(1e-6)
             keep = in_span[:, :, None, None, :] & seen.query_valid[:, None, None, lo:hi, None]
             probs = probs.masked_fill(~keep, 0.0)
+            if self.defensive:
+                probs = _pool_rows(probs, keep)
             best = torch.maximum(best, probs.amax(dim=(2, 3))[..., :context])
         if scores is None:
             return best
@@ -138,8 +157,22 @@ class KVzip(ContextScorer):
         return squared.clamp_min(0).sqrt()
 
     def finalize(self, scores: torch.Tensor, inputs: ScoreInputs) -> torch.Tensor:
+        if self.defensive:
+            real = inputs.valid
+            mean = (scores * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
+            value = value_perturbation(inputs)
+            scores = torch.maximum(scores, mean) * value / value.sum(1, keepdim=True).clamp_min(1e-30)
         sink = (inputs.positions >= 0) & (inputs.positions < self.sinks)
         return scores.masked_fill(sink, float("inf"))
+
+
+def _pool_rows(probs: torch.Tensor, keep: torch.Tensor, kernel_size: int = 5) -> torch.Tensor:
+    """Average-pool each attention row ``[..., M]`` over its scored columns (``keep``), keeping the row's mass."""
+    mass = probs.sum(-1, keepdim=True)
+    flat = probs.reshape(-1, 1, probs.shape[-1])
+    pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    pooled = pooled.reshape(probs.shape).masked_fill(~keep, 0.0)
+    return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
 
 
 def _assistant_header(tokenizer) -> str:
