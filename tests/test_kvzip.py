@@ -27,16 +27,21 @@ AttentionInterface.register("test_kvzip_recording", _recording)
 AttentionMaskInterface.register("test_kvzip_recording", sdpa_mask)
 
 
-@pytest.mark.parametrize("defensive,kv_heads", [(False, 1), (True, 2)])
-def test_kvzip_matches_a_dense_simulation(defensive, kv_heads):
+@pytest.mark.parametrize("variant,kv_heads", [("kvzip", 1), ("defensive", 2), ("normalize", 2)])
+def test_kvzip_matches_a_dense_simulation(variant, kv_heads):
     """One layer (4 query heads): the kept positions are the top scores of an independent dense computation of
-    KVzip's reconstruction scores (with ``defensive``: rows pooled, prior-corrected, times the value term), and
-    decoding afterwards equals a DynamicCache model whose evicted positions are masked out."""
+    KVzip's reconstruction scores (``defensive``: rows pooled, prior-corrected, times the value term;
+    ``normalize``: KVzip+, each attention times ||W_O^(g) v_j|| / ||h_t||), and decoding afterwards equals a
+    DynamicCache model whose evicted positions are masked out."""
+    defensive, normalize = variant == "defensive", variant == "normalize"
     ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
     ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
     ref.set_attn_implementation("test_kvzip_recording")
+    gain = torch.rand(ours.config.hidden_size, generator=torch.Generator().manual_seed(5)) * 2
+    for m in (ours, ref):  # unit RMSNorm gains would give every token the same ||h||, hiding KVzip+'s term
+        m.model.layers[0].input_layernorm.weight.data.copy_(gain)
     length, budget, window, sinks = 40, 14, 3, 2
-    scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3, defensive=defensive)
+    scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3, defensive=defensive, normalize=normalize)
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(2)).to(ours.device)
     cache = AdaKVCache(ours, budget, scorer=scorer, allocator="uniform", window=window)
     tok = ToyTokenizer()
@@ -45,6 +50,9 @@ def test_kvzip_matches_a_dense_simulation(defensive, kv_heads):
     dense = DynamicCache(config=ref.config)
     attn = ref.model.layers[0].self_attn
     scaling, group, dim = attn.scaling, 4 // kv_heads, attn.head_dim
+    w = attn.o_proj.weight.double()  # [hidden, H_q * D]
+    hidden = []
+    attn.register_forward_pre_hook(lambda m, a, kw: hidden.append(kw["hidden_states"][0].double()), with_kwargs=True)
     with torch.no_grad():
         ref(ids, past_key_values=dense)
         values = dense.layers[0].values[0].double()  # [H, L, D]
@@ -64,6 +72,12 @@ def test_kvzip_matches_a_dense_simulation(defensive, kv_heads):
                 q = RECORDED[-1][0][0, h * group : (h + 1) * group].double()  # [G, n, D]
                 k = RECORDED[-1][1][0, h].double()  # [L + n, D]
                 probs = torch.softmax((q @ k.T * scaling).masked_fill(~(causal & cols), float("-inf")), -1)
+                if normalize:  # [G, L + n]: ||v_j W_O^(g)^T||_2 of the context tokens (the pass's own are not scored)
+                    v = torch.cat([values[h], values.new_zeros(n, dim)])
+                    out = torch.stack(
+                        [v @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T for g in range(group)]
+                    )
+                    probs = probs * out.norm(dim=-1)[:, None, :] / hidden[-1].norm(dim=-1)[None, :, None]
                 row = torch.zeros_like(probs)
                 row[..., lo:hi] = probs[..., lo:hi]
                 if defensive:  # average-pool each row over the span (kernel 5, zero padding), keep its mass
@@ -75,7 +89,6 @@ def test_kvzip_matches_a_dense_simulation(defensive, kv_heads):
                 scores[h, lo:hi] = torch.maximum(scores[h, lo:hi], row[..., lo:hi].amax((0, 1)))
     if defensive:
         scores = torch.maximum(scores, scores.mean(-1, keepdim=True))
-        w = attn.o_proj.weight.double()  # [hidden, H_q * D]
         norms = torch.stack(
             [
                 torch.stack(

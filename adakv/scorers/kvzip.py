@@ -126,20 +126,30 @@ class KVzip(ContextScorer):
         context = int(seen.context_rows.max())
         best = torch.zeros(bsz, heads, context, dtype=torch.float32, device=q.device)
         block = max(1, BLOCK_ELEMENTS // max(1, bsz * heads * group * rows))
+        log_weight = weight[..., :context].log() if weight is not None else None
+        log_hidden = hidden_norm.clamp_min(1e-6).log() if weight is not None else None
+        span = in_span[..., :context]
+        # Work in log space on the big [B, H, G, q, M] block (logits, one in-place mask, logsumexp, one
+        # subtraction, the max): max_t p_tj = exp(max_t (logit_tj - lse_t)), so exp runs on [B, H, context] only.
         for lo in range(0, q_len, block):
             hi = min(q_len, lo + block)
-            logits = torch.einsum("bhgqd,bhmd->bhgqm", q[:, :, :, lo:hi].float(), keys) * seen.scaling
+            logits = torch.einsum("bhgqd,bhmd->bhgqm", q[:, :, :, lo:hi].float(), keys).mul_(seen.scaling)
             if seen.softcap is not None:
                 logits = torch.tanh(logits / seen.softcap) * seen.softcap
             allow = seen.visible[:, :, None, lo:hi] & columns[:, :, None, None, :]
-            probs = torch.softmax(logits.masked_fill(~allow, float("-inf")), -1).nan_to_num(0.0)
-            if weight is not None:
-                probs = probs * weight[:, :, :, None, :] / hidden_norm[:, None, None, lo:hi, None].clamp_min(1e-6)
-            keep = in_span[:, :, None, None, :] & seen.query_valid[:, None, None, lo:hi, None]
-            probs = probs.masked_fill(~keep, 0.0)
-            if self.defensive:
-                probs = _pool_rows(probs, keep)
-            best = torch.maximum(best, probs.amax(dim=(2, 3))[..., :context])
+            logits.masked_fill_(~allow, float("-inf"))
+            lse = torch.logsumexp(logits, -1, keepdim=True)
+            logp = logits[..., :context] - lse  # NaN only on rows that see nothing: padded queries, dropped below
+            if log_weight is not None:  # KVzip+: a_tj * w_gj / ||h_t||
+                logp += log_weight[:, :, :, None, :]
+                logp -= log_hidden[:, None, None, lo:hi, None]
+            logp.masked_fill_(~seen.query_valid[:, None, None, lo:hi, None], float("-inf"))
+            if self.defensive:  # the rows themselves are pooled: back to probabilities
+                probs = logp.exp_().masked_fill_(~span[:, :, None, None, :], 0.0)
+                top = _pool_rows(probs, span[:, :, None, None, :]).amax(dim=(2, 3))
+            else:
+                top = logp.amax(dim=(2, 3)).exp_()
+            best = torch.maximum(best, top.masked_fill_(~span, 0.0))
         if scores is None:
             return best
         width = max(scores.shape[-1], context)
