@@ -4,7 +4,10 @@
   python benchmarks/lifecycle.py chunked   # an 8k prompt in chunks of 1024: kv_bytes trace, peak RSS, bytes vs budget
   python benchmarks/lifecycle.py decode    # 2,000 greedy tokens after 500 at budget=256: memory bound, ms/token,
                                            # agreement with the full cache, with and without a decode policy
-  python benchmarks/lifecycle.py quality   # chunked vs one-shot task scores: says what the harness lacks, skips
+  python benchmarks/lifecycle.py context   # a context scorer's passes (kvzip, kvzip+, kvzip-defensive) against a
+                                           # plain prefill: seconds and peak memory, each in a fresh process
+
+Chunked vs one-shot task scores are measured by the harness: adakv-bench quality --prefill-chunk-size N.
 
 Each command prints a table and writes benchmarks/results/lifecycle/<command>.json (the command line, machine,
 versions, date and every raw number) and the table as <command>.md (``--out`` chooses another JSON path).
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import os
 import platform
@@ -48,8 +50,9 @@ from adakv.storage import MIN_SLACK, RaggedKV
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "lifecycle"
 MIB = 2**20
-COMMANDS = ("cascade", "chunked", "decode", "quality")
+COMMANDS = ("cascade", "chunked", "decode", "context")
 PEAK_CONFIGS = ("adakv-chunked", "adakv-oneshot", "dynamic", "dynamic-chunked")
+CONTEXT_CONFIGS = ("dynamic", "ada-snapkv", "kvzip", "kvzip+", "kvzip-defensive")
 DECODE_METHODS = ("snapkv", "ada-snapkv", "defensivekv", "h2o")
 
 
@@ -632,25 +635,87 @@ def run_decode(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, st
     return result, table
 
 
-# -- quality: chunked vs one-shot on the harness's tasks ------------------------------------------------------------
-def run_quality(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, str]:
-    from adakv.eval import runners
+# -- context scorers: the cost of the reconstruction passes ----------------------------------------------------------
+@torch.no_grad()
+def context_run(args: argparse.Namespace, model: Any, tok: Any, config: str) -> dict[str, Any]:
+    """Seconds and peak RSS (or CUDA allocator peak) above the level before it, of putting one prompt into a cache:
+    a plain prefill (``dynamic``: DynamicCache; ``ada-snapkv``: a compressed one-shot prefill) or
+    ``adakv.compress_context`` with a context-scorer preset (its hold prefill, passes and selection); a warm-up on a
+    short prompt first."""
+    ids = prompt_ids(model, tok, args.length, args.seed)
+    if tok is None:  # the tiny model: the passes' prompts come from the tests' toy tokenizer
+        from tiny_models import ToyTokenizer
 
-    signature = str(inspect.signature(runners.run_quality))
-    needed = [
-        "adakv.eval.runners.run_quality builds every compressed cache with replay(model, record, budget, method=..., "
-        "window=...) from one recorded one-shot prefill (record_prefill); it takes no cache factory or prefill "
-        "strategy, so a chunked prefill cannot be plugged in.",
-        "A chunked prefill cannot be replayed from that record: after the first chunk every later chunk attends "
-        "over the compressed cache, so its hidden states, K/V and scores differ from the one-shot prefill's.",
-        "Needed: an optional argument (e.g. prefill(model, cache, prefix_ids) -> last logits, or "
-        "prefill_chunk_size) that, when given, builds each method x budget cache live (adakv.prefill_in_chunks) "
-        "instead of replaying the record; a matching --prefill-chunk-size flag in adakv/eval/cli.py.",
-        "Question-aware mode: _answer reuses the first token from the one-shot record's last logits; with a chunked "
-        "prefill the first token must come from the chunked prefill's own logits (prefill_in_chunks returns them).",
+        tok = ToyTokenizer()
+
+    def run(prompt: torch.Tensor) -> tuple[Any, float]:
+        if config == "dynamic":
+            cache = DynamicCache(config=model.config)
+        else:
+            cache = AdaKVCache(model, args.budget, method=config)
+        begin = time.perf_counter()
+        if config in ("dynamic", "ada-snapkv"):
+            model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            adakv.compress_context(model, cache, prompt, tokenizer=tok)
+        return cache, time.perf_counter() - begin
+
+    run(ids[:, : min(ids.shape[1], 256)])
+    gc.collect()
+    with peak_memory(model.device) as mem:
+        cache, seconds = run(ids)
+    return {"config": config, "peak_bytes": mem["peak"], "seconds": seconds, **held(cache)}
+
+
+def context_in_subprocess(args: argparse.Namespace, config: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "context-worker", "--config", config, "--model", args.model]
+    cmd += ["--length", str(args.length), "--budget", str(args.budget), "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"context worker for {config} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_context(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, str]:
+    """Every config ``args.repeats`` times, alternated, each in a fresh process (or here, ``--in-process``)."""
+    runs: dict[str, list[dict]] = {c: [] for c in args.configs}
+    for _ in range(args.repeats):
+        for config in args.configs:
+            one = context_run(args, model, tok, config) if args.in_process else context_in_subprocess(args, config)
+            runs[config].append(one)
+    summary = {
+        c: {
+            "seconds": median([r["seconds"] for r in done]),
+            "peak_bytes": median([r["peak_bytes"] for r in done if r["peak_bytes"] is not None]),
+            "kv_bytes": done[-1]["kv_bytes"],
+        }
+        for c, done in runs.items()
+    }
+    base = summary.get("dynamic", {})
+    plain = summary.get("ada-snapkv", {})
+    rows = [
+        [
+            c,
+            r["seconds"],
+            ratio(r["seconds"], plain.get("seconds")),
+            mib(r["peak_bytes"]),
+            ratio(r["peak_bytes"], base.get("peak_bytes")),
+            mib(r["kv_bytes"]),
+            ratio(r["kv_bytes"], base.get("kv_bytes")),
+        ]
+        for c, r in summary.items()
     ]
-    table = "quality: skipped. " + " ".join(needed)
-    return {"skipped": True, "run_quality_signature": signature, "what_would_need_to_change": needed}, table
+    table = markdown(
+        ["cache", "seconds", "s / ada-snapkv", "peak MiB", "peak / dynamic", "K/V MiB after", "K/V / dynamic"], rows
+    )
+    table += (
+        f"\n\n{args.length}-token prose prompt, budget {args.budget}; medians of {args.repeats} alternated runs, "
+        "each in a fresh process after a 256-token warm-up; peak = the process's RSS above its level before the "
+        "prefill (CPU) or the CUDA allocator's peak."
+    )
+    return {"configs": summary, "runs": runs}, table
 
 
 # -- command line -------------------------------------------------------------------------------------------------
@@ -673,8 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cascade": sub.add_parser("cascade", help="prefill time, cross-layer cascade vs per-layer allocation"),
         "chunked": sub.add_parser("chunked", help="chunked prefill: kv_bytes trace, peak RSS, bytes vs budget"),
         "decode": sub.add_parser("decode", help="decode policies: memory bound, ms/token overhead, agreement"),
-        "quality": sub.add_parser("quality", help="chunked vs one-shot task scores (skipped: see the output)"),
+        "context": sub.add_parser("context", help="a context scorer's passes vs a plain prefill: seconds, peak"),
         "peak-worker": sub.add_parser("peak-worker", help=argparse.SUPPRESS),
+        "context-worker": sub.add_parser("context-worker", help=argparse.SUPPRESS),
     }
     for p in parsers.values():
         p.add_argument(
@@ -699,6 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _chunk_options(parsers["peak-worker"])
     parsers["peak-worker"].add_argument("--config", choices=PEAK_CONFIGS, required=True)
+    for name in ("context", "context-worker"):
+        p = parsers[name]
+        p.add_argument("--length", type=int, default=2048, help="prompt tokens")
+        p.add_argument("--budget", type=_budget, default=0.2)
+    parsers["context"].add_argument("--configs", nargs="+", choices=CONTEXT_CONFIGS, default=list(CONTEXT_CONFIGS))
+    parsers["context"].add_argument("--repeats", type=int, default=2)
+    parsers["context"].add_argument("--in-process", action="store_true", help="no fresh processes (smoke tests)")
+    parsers["context-worker"].add_argument("--config", choices=CONTEXT_CONFIGS, required=True)
     p = parsers["decode"]
     p.add_argument("--prompt-tokens", type=int, default=500)
     p.add_argument("--tokens", type=int, default=2000, help="greedy tokens generated (forced: min_new_tokens)")
@@ -714,7 +788,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any
     max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 62
     if args.command == "cascade" and max(args.lengths) > max_pos:
         parser.error(f"--lengths: the model handles {max_pos} positions")
-    if args.command in ("chunked", "peak-worker") and args.length > max_pos:
+    if args.command in ("chunked", "peak-worker", "context", "context-worker") and args.length > max_pos:
         parser.error(f"--length: the model handles {max_pos} positions")
     if args.command == "decode":
         if not isinstance(args.budget, int):
@@ -735,12 +809,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.logging.disable_progress_bar()
     model, tok = load(args.model)
     _check(parser, args, model)
-    if args.command == "peak-worker":
-        result = peak_run(args, model, tok, args.config)
+    if args.command in ("peak-worker", "context-worker"):
+        result = (peak_run if args.command == "peak-worker" else context_run)(args, model, tok, args.config)
         print(json.dumps(result))
         return result
     begin = time.time()
-    run = {"cascade": run_cascade, "chunked": run_chunked, "decode": run_decode, "quality": run_quality}
+    run = {"cascade": run_cascade, "chunked": run_chunked, "decode": run_decode, "context": run_context}
     body, table = run[args.command](args, model, tok)
     meta = metadata(argv, args, model)
     meta["seconds"] = round(time.time() - begin, 1)
