@@ -344,23 +344,34 @@ def peak_run(args: argparse.Namespace, model: Any, tok: Any, config: str) -> dic
         )
         return cache, time.perf_counter() - begin
 
-    run(ids[:, : min(ids.shape[1], 2 * args.chunk)])
+    return measured(run, ids[:, : min(ids.shape[1], 2 * args.chunk)], ids, config, model.device, "prefill_s")
+
+
+def measured(run: Callable, warmup: torch.Tensor, ids: torch.Tensor, config: str, device, timing: str) -> dict:
+    """``run(warmup)``, then ``run(ids)`` -> (cache, seconds) under :func:`peak_memory`: the config, its peak, its
+    seconds (under the key ``timing``) and what the cache holds."""
+    run(warmup)
     gc.collect()
-    with peak_memory(model.device) as mem:
+    with peak_memory(device) as mem:
         cache, seconds = run(ids)
-    return {"config": config, "peak_bytes": mem["peak"], "prefill_s": seconds, **held(cache)}
+    return {"config": config, "peak_bytes": mem["peak"], timing: seconds, **held(cache)}
 
 
-def peak_in_subprocess(args: argparse.Namespace, config: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "peak-worker", "--config", config, "--model", args.model]
-    cmd += ["--length", str(args.length), "--chunk", str(args.chunk), "--budget", str(args.budget)]
-    cmd += ["--method", args.method, "--seed", str(args.seed)]
+def in_subprocess(args: argparse.Namespace, worker: str, config: str, options: list[str]) -> dict[str, Any]:
+    """This script's ``worker`` subcommand for one ``config`` in a fresh process (a clean peak), its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), worker, "--config", config, "--model", args.model]
+    cmd += [*options, "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"peak worker for {config} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{worker} for {config} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_in_subprocess(args: argparse.Namespace, config: str) -> dict[str, Any]:
+    options = ["--length", str(args.length), "--chunk", str(args.chunk), "--budget", str(args.budget)]
+    return in_subprocess(args, "peak-worker", config, [*options, "--method", args.method])
 
 
 def run_chunked(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, str]:
@@ -660,22 +671,11 @@ def context_run(args: argparse.Namespace, model: Any, tok: Any, config: str) -> 
             adakv.compress_context(model, cache, prompt, tokenizer=tok)
         return cache, time.perf_counter() - begin
 
-    run(ids[:, : min(ids.shape[1], 256)])
-    gc.collect()
-    with peak_memory(model.device) as mem:
-        cache, seconds = run(ids)
-    return {"config": config, "peak_bytes": mem["peak"], "seconds": seconds, **held(cache)}
+    return measured(run, ids[:, : min(ids.shape[1], 256)], ids, config, model.device, "seconds")
 
 
 def context_in_subprocess(args: argparse.Namespace, config: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "context-worker", "--config", config, "--model", args.model]
-    cmd += ["--length", str(args.length), "--budget", str(args.budget), "--seed", str(args.seed)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"context worker for {config} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_subprocess(args, "context-worker", config, ["--length", str(args.length), "--budget", str(args.budget)])
 
 
 def run_context(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, str]:
