@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
@@ -248,7 +249,13 @@ class AdaKVLayer(CacheLayerMixin):
         then forget the pass's tokens."""
         store = self.store
         before, real_before = store.lengths(), self.n_real.clone()
-        out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
+        # The context is held whole, so every head of a sequence holds the same rows: the pass's attention is then
+        # dense attention over the rows gathered below for the scorer (sdpa: about 2x the ragged kernel on CPU).
+        dense = softcap is None and bool((before == before[:, :1]).all())
+        if dense:
+            store.append(keys, values, None if valid is None or bool(valid.all()) else valid)
+        else:
+            out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
         bsz, h_q, q_len, dim = query.shape
         heads = store.shape[1]
         q = query.reshape(bsz, heads, h_q // heads, q_len, dim)
@@ -259,6 +266,14 @@ class AdaKVLayer(CacheLayerMixin):
         hidden = count[:, -1:] - count  # the pass's valid tokens after query i
         offs = torch.arange(k_rows.shape[2], device=query.device)
         visible = offs < (store.length[:, :, None] - hidden[:, None, :])[..., None]  # [B, H, Q, M]
+        if dense:
+            out = (
+                F.scaled_dot_product_attention(
+                    query, k_rows, v_rows, attn_mask=visible[:, :1], scale=scaling, enable_gqa=True
+                )
+                .transpose(1, 2)
+                .contiguous()
+            )
         phase = self.shared.phase
         seen = PassAttention(
             q=q,

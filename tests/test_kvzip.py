@@ -27,19 +27,21 @@ AttentionInterface.register("test_kvzip_recording", _recording)
 AttentionMaskInterface.register("test_kvzip_recording", sdpa_mask)
 
 
-@pytest.mark.parametrize("variant,kv_heads", [("kvzip", 1), ("defensive", 2), ("normalize", 2)])
-def test_kvzip_matches_a_dense_simulation(variant, kv_heads):
-    """One layer (4 query heads): the kept positions are the top scores of an independent dense computation of
-    KVzip's reconstruction scores (``defensive``: rows pooled, prior-corrected, times the value term;
-    ``normalize``: KVzip+, each attention times ||W_O^(g) v_j|| / ||h_t||), and decoding afterwards equals a
-    DynamicCache model whose evicted positions are masked out."""
+@pytest.mark.parametrize("variant,kv_heads,layers", [("kvzip", 1, 1), ("defensive", 2, 2), ("normalize", 2, 2)])
+def test_kvzip_matches_a_dense_simulation(variant, kv_heads, layers):
+    """4 query heads: in every layer the kept positions are the top scores of an independent dense computation
+    of KVzip's reconstruction scores (``defensive``: rows pooled, prior-corrected, times the value term;
+    ``normalize``: KVzip+, each attention times ||W_O^(g) v_j|| / ||h_t||). With 2 layers the second layer's
+    pass queries depend on the first layer's pass attention, which is checked that way. With one layer and
+    head, decoding afterwards equals a DynamicCache model whose evicted positions are masked out."""
     defensive, normalize = variant == "defensive", variant == "normalize"
-    ours = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
-    ref = tiny_model("llama", num_hidden_layers=1, num_key_value_heads=kv_heads)
+    ours = tiny_model("llama", num_hidden_layers=layers, num_key_value_heads=kv_heads)
+    ref = tiny_model("llama", num_hidden_layers=layers, num_key_value_heads=kv_heads)
     ref.set_attn_implementation("test_kvzip_recording")
     gain = torch.rand(ours.config.hidden_size, generator=torch.Generator().manual_seed(5)) * 2
     for m in (ours, ref):  # unit RMSNorm gains would give every token the same ||h||, hiding KVzip+'s term
-        m.model.layers[0].input_layernorm.weight.data.copy_(gain)
+        for block in m.model.layers:
+            block.input_layernorm.weight.data.copy_(gain)
     length, budget, window, sinks = 40, 14, 3, 2
     scorer = KVzip(chunk_size=16, sinks=sinks, overlap=3, defensive=defensive, normalize=normalize)
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(2)).to(ours.device)
@@ -50,13 +52,14 @@ def test_kvzip_matches_a_dense_simulation(variant, kv_heads):
     dense = DynamicCache(config=ref.config)
     attn = ref.model.layers[0].self_attn
     scaling, group, dim = attn.scaling, 4 // kv_heads, attn.head_dim
-    w = attn.o_proj.weight.double()  # [hidden, H_q * D]
-    hidden = []
-    attn.register_forward_pre_hook(lambda m, a, kw: hidden.append(kw["hidden_states"][0].double()), with_kwargs=True)
+    hidden = {}
+    for i, block in enumerate(ref.model.layers):
+        block.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: hidden.__setitem__(i, kw["hidden_states"][0].double()), with_kwargs=True
+        )
     with torch.no_grad():
         ref(ids, past_key_values=dense)
-        values = dense.layers[0].values[0].double()  # [H, L, D]
-        scores = torch.zeros(kv_heads, length, dtype=torch.float64)
+        scores = torch.zeros(layers, kv_heads, length, dtype=torch.float64)
         for step in scorer.passes(ids, torch.ones_like(ids), tok):
             n = step.ids.shape[1]
             RECORDED.clear()
@@ -68,46 +71,53 @@ def test_kvzip_matches_a_dense_simulation(variant, kv_heads):
             cols[lo:hi] = True
             cols[length:] = True
             causal = torch.arange(length + n)[None, :] <= torch.arange(length, length + n)[:, None]
-            for h in range(kv_heads):
-                q = RECORDED[-1][0][0, h * group : (h + 1) * group].double()  # [G, n, D]
-                k = RECORDED[-1][1][0, h].double()  # [L + n, D]
-                probs = torch.softmax((q @ k.T * scaling).masked_fill(~(causal & cols), float("-inf")), -1)
-                if normalize:  # [G, L + n]: ||v_j W_O^(g)^T||_2 of the context tokens (the pass's own are not scored)
-                    v = torch.cat([values[h], values.new_zeros(n, dim)])
-                    out = torch.stack(
-                        [v @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T for g in range(group)]
-                    )
-                    probs = probs * out.norm(dim=-1)[:, None, :] / hidden[-1].norm(dim=-1)[None, :, None]
-                row = torch.zeros_like(probs)
-                row[..., lo:hi] = probs[..., lo:hi]
-                if defensive:  # average-pool each row over the span (kernel 5, zero padding), keep its mass
-                    pooled = torch.nn.functional.avg_pool1d(row.reshape(-1, 1, length + n), 5, 1, 2)
-                    pooled = pooled.reshape(row.shape)
-                    span = torch.zeros_like(pooled)
-                    span[..., lo:hi] = pooled[..., lo:hi]
-                    row = span * row.sum(-1, keepdim=True) / span.sum(-1, keepdim=True)
-                scores[h, lo:hi] = torch.maximum(scores[h, lo:hi], row[..., lo:hi].amax((0, 1)))
-    if defensive:
-        scores = torch.maximum(scores, scores.mean(-1, keepdim=True))
-        norms = torch.stack(
-            [
-                torch.stack(
-                    [
-                        (values[h] @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T).abs().sum(-1)
-                        for g in range(group)
-                    ]
-                ).mean(0)
-                for h in range(kv_heads)
-            ]
-        )  # [H, L]
-        scores = scores * norms / norms.sum(0, keepdim=True)
-    scores[:, :sinks] = float("inf")
-    scores[:, length - window :] = float("inf")
-    expected = [sorted(scores[h].topk(budget).indices.tolist()) for h in range(kv_heads)]
-    layer = cache.layers[0]
-    assert layer._positions(view=False)[0].tolist() == expected
+            for layer_idx in range(layers):
+                w = ref.model.layers[layer_idx].self_attn.o_proj.weight.double()  # [hidden, H_q * D]
+                values = dense.layers[layer_idx].values[0].double()  # [H, L, D]
+                for h in range(kv_heads):
+                    q = RECORDED[layer_idx][0][0, h * group : (h + 1) * group].double()  # [G, n, D]
+                    k = RECORDED[layer_idx][1][0, h].double()  # [L + n, D]
+                    probs = torch.softmax((q @ k.T * scaling).masked_fill(~(causal & cols), float("-inf")), -1)
+                    if normalize:  # ||v_j W_O^(g)^T||_2 of the context tokens (the pass's own are not scored)
+                        v = torch.cat([values[h], values.new_zeros(n, dim)])
+                        out = torch.stack(
+                            [v @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T for g in range(group)]
+                        )
+                        probs = probs * out.norm(dim=-1)[:, None, :] / hidden[layer_idx].norm(dim=-1)[None, :, None]
+                    row = torch.zeros_like(probs)
+                    row[..., lo:hi] = probs[..., lo:hi]
+                    if defensive:  # average-pool each row over the span (kernel 5, zero padding), keep its mass
+                        pooled = torch.nn.functional.avg_pool1d(row.reshape(-1, 1, length + n), 5, 1, 2)
+                        pooled = pooled.reshape(row.shape)
+                        span = torch.zeros_like(pooled)
+                        span[..., lo:hi] = pooled[..., lo:hi]
+                        row = span * row.sum(-1, keepdim=True) / span.sum(-1, keepdim=True)
+                    best = scores[layer_idx, h, lo:hi]
+                    scores[layer_idx, h, lo:hi] = torch.maximum(best, row[..., lo:hi].amax((0, 1)))
+    for layer_idx in range(layers):
+        layer_scores = scores[layer_idx]
+        if defensive:
+            w = ref.model.layers[layer_idx].self_attn.o_proj.weight.double()
+            values = dense.layers[layer_idx].values[0].double()
+            layer_scores = torch.maximum(layer_scores, layer_scores.mean(-1, keepdim=True))
+            norms = torch.stack(
+                [
+                    torch.stack(
+                        [
+                            (values[h] @ w[:, (h * group + g) * dim : (h * group + g + 1) * dim].T).abs().sum(-1)
+                            for g in range(group)
+                        ]
+                    ).mean(0)
+                    for h in range(kv_heads)
+                ]
+            )  # [H, L]
+            layer_scores = layer_scores * norms / norms.sum(0, keepdim=True)
+        layer_scores[:, :sinks] = float("inf")
+        layer_scores[:, length - window :] = float("inf")
+        expected = [sorted(layer_scores[h].topk(budget).indices.tolist()) for h in range(kv_heads)]
+        assert cache.layers[layer_idx]._positions(view=False)[0].tolist() == expected, layer_idx
     assert cache.get_seq_length() == length
-    if kv_heads > 1:  # heads keep different tokens, so the masked reference needs one mask per head
+    if kv_heads > 1 or layers > 1:  # the masked reference needs one mask for every head and layer
         return
 
     mask = torch.zeros(1, length, dtype=torch.long)

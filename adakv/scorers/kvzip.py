@@ -126,29 +126,39 @@ class KVzip(ContextScorer):
         context = int(seen.context_rows.max())
         best = torch.zeros(bsz, heads, context, dtype=torch.float32, device=q.device)
         block = max(1, BLOCK_ELEMENTS // max(1, bsz * heads * group * rows))
-        log_weight = weight[..., :context].log() if weight is not None else None
-        log_hidden = hidden_norm.clamp_min(1e-6).log() if weight is not None else None
         span = in_span[..., :context]
-        # Work in log space on the big [B, H, G, q, M] block (logits, one in-place mask, logsumexp, one
-        # subtraction, the max): max_t p_tj = exp(max_t (logit_tj - lse_t)), so exp runs on [B, H, context] only.
+        # per-query factor on the probabilities: 0 for the pass's padding (whose rows are left unmasked, so the
+        # softmax has no all -inf row), 1 / ||h_t|| for KVzip+; None when it is all ones
+        factor = seen.query_valid.float()
+        if hidden_norm is not None:
+            factor = factor / hidden_norm.clamp_min(1e-6)
+        elif bool(seen.query_valid.all()):
+            factor = None
+        # One pass per op over the big [B, H, G, q, M] block: logits, an additive 0/-inf mask, one fused softmax,
+        # the per-query factor on the context columns, the max over queries; the rest runs on [B, H, G, context].
         for lo in range(0, q_len, block):
             hi = min(q_len, lo + block)
-            logits = torch.einsum("bhgqd,bhmd->bhgqm", q[:, :, :, lo:hi].float(), keys).mul_(seen.scaling)
+            width = min(rows, context + hi)  # the pass's own rows after query hi - 1 are invisible to this block
+            logits = torch.einsum("bhgqd,bhmd->bhgqm", q[:, :, :, lo:hi].float(), keys[:, :, :width])
+            logits.mul_(seen.scaling)
             if seen.softcap is not None:
                 logits = torch.tanh(logits / seen.softcap) * seen.softcap
-            allow = seen.visible[:, :, None, lo:hi] & columns[:, :, None, None, :]
-            logits.masked_fill_(~allow, float("-inf"))
-            lse = torch.logsumexp(logits, -1, keepdim=True)
-            logp = logits[..., :context] - lse  # NaN only on rows that see nothing: padded queries, dropped below
-            if log_weight is not None:  # KVzip+: a_tj * w_gj / ||h_t||
-                logp += log_weight[:, :, :, None, :]
-                logp -= log_hidden[:, None, None, lo:hi, None]
-            logp.masked_fill_(~seen.query_valid[:, None, None, lo:hi, None], float("-inf"))
-            if self.defensive:  # the rows themselves are pooled: back to probabilities
-                probs = logp.exp_().masked_fill_(~span[:, :, None, None, :], 0.0)
-                top = _pool_rows(probs, span[:, :, None, None, :]).amax(dim=(2, 3))
+            allow = seen.visible[:, :, lo:hi, :width] & columns[:, :, None, :width]
+            allow |= ~seen.query_valid[:, None, lo:hi, None]
+            bias = torch.zeros(allow.shape, dtype=torch.float32, device=q.device).masked_fill_(~allow, float("-inf"))
+            probs = logits.add_(bias[:, :, None]).softmax(-1)[..., :context]
+            if factor is not None:
+                probs = probs * factor[:, None, None, lo:hi, None]
+            if self.defensive:  # the rows themselves are pooled over the span
+                if weight is not None:
+                    probs = probs * weight[:, :, :, None, :context]
+                probs = _pool_rows(probs.masked_fill(~span[:, :, None, None, :], 0.0), span[:, :, None, None, :])
+                top = probs.amax(dim=(2, 3))
             else:
-                top = logp.amax(dim=(2, 3)).exp_()
+                top = probs.amax(dim=3)  # [B, H, G, context]
+                if weight is not None:  # KVzip+: max_t p_tj w_gj / ||h_t|| = w_gj max_t (p_tj / ||h_t||)
+                    top = top * weight[..., :context]
+                top = top.amax(dim=2)
             best = torch.maximum(best, top.masked_fill_(~span, 0.0))
         if scores is None:
             return best
