@@ -18,6 +18,8 @@ from .storage import MIN_SLACK, RaggedKV, fit_width
 if TYPE_CHECKING:
     from .policy import CachePolicy, SharedState
 
+PASS_BLOCK = 512  # queries of a scoring pass attended at once (bounds the pass's attention memory)
+
 
 class KVHandle:
     """What ``AdaKVLayer.update`` returns in place of key/value tensors.
@@ -266,14 +268,22 @@ class AdaKVLayer(CacheLayerMixin):
         hidden = count[:, -1:] - count  # the pass's valid tokens after query i
         offs = torch.arange(k_rows.shape[2], device=query.device)
         visible = offs < (store.length[:, :, None] - hidden[:, None, :])[..., None]  # [B, H, Q, M]
-        if dense:
-            out = (
-                F.scaled_dot_product_attention(
-                    query, k_rows, v_rows, attn_mask=visible[:, :1], scale=scaling, enable_gqa=True
-                )
-                .transpose(1, 2)
-                .contiguous()
+        if dense:  # in blocks of queries: sdpa with a mask may materialize the [Q, M] weights on CPU
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        query[:, :, lo : lo + PASS_BLOCK],
+                        k_rows,
+                        v_rows,
+                        attn_mask=visible[:, :1, lo : lo + PASS_BLOCK],
+                        scale=scaling,
+                        enable_gqa=True,
+                    )
+                    for lo in range(0, q_len, PASS_BLOCK)
+                ],
+                2,
             )
+            out = out.transpose(1, 2).contiguous()
         phase = self.shared.phase
         seen = PassAttention(
             q=q,

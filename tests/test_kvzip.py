@@ -11,6 +11,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import adakv.layer
 from adakv import AdaKVCache, KVzip, compress_context, score_context, settle_context
 from adakv.layer import AdaKVLayer
 
@@ -28,13 +29,14 @@ AttentionMaskInterface.register("test_kvzip_recording", sdpa_mask)
 
 
 @pytest.mark.parametrize("variant,kv_heads,layers", [("kvzip", 1, 1), ("defensive", 2, 2), ("normalize", 2, 2)])
-def test_kvzip_matches_a_dense_simulation(variant, kv_heads, layers):
+def test_kvzip_matches_a_dense_simulation(variant, kv_heads, layers, monkeypatch):
     """4 query heads: in every layer the kept positions are the top scores of an independent dense computation
     of KVzip's reconstruction scores (``defensive``: rows pooled, prior-corrected, times the value term;
     ``normalize``: KVzip+, each attention times ||W_O^(g) v_j|| / ||h_t||). With 2 layers the second layer's
     pass queries depend on the first layer's pass attention, which is checked that way. With one layer and
     head, decoding afterwards equals a DynamicCache model whose evicted positions are masked out."""
     defensive, normalize = variant == "defensive", variant == "normalize"
+    monkeypatch.setattr(adakv.layer, "PASS_BLOCK", 7)  # the pass attends in several query blocks
     ours = tiny_model("llama", num_hidden_layers=layers, num_key_value_heads=kv_heads)
     ref = tiny_model("llama", num_hidden_layers=layers, num_key_value_heads=kv_heads)
     ref.set_attn_implementation("test_kvzip_recording")

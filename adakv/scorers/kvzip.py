@@ -11,7 +11,7 @@ from .criticalkv import value_perturbation
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 # Elements of one block of pass logits ([B, H, G, q, M]); bounds the scorer's extra memory.
-BLOCK_ELEMENTS = 1 << 24
+BLOCK_ELEMENTS = 1 << 22
 
 
 class KVzip(ContextScorer):
