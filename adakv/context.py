@@ -40,7 +40,7 @@ def compress_context(
         _check_context(cache, context_ids, attention_mask)
         mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
         if chunk_size is None:
-            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
         return
@@ -92,7 +92,7 @@ def score_context(
     try:
         phase.mode = "hold"
         if chunk_size is None:
-            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:  # held whole: nothing is selected until the passes ran, so no lookahead
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=False)
         stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
@@ -108,7 +108,15 @@ def score_context(
             full_mask = torch.cat([mask, pass_mask], -1)
             # positions continue after each sequence's real context tokens
             position_ids = n_real[:, None] + (torch.cumsum(pass_mask, -1) - 1).clamp(min=0)
-            model(ids, attention_mask=full_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            # logits_to_keep=1: the pass's logits are not used (all of them would be [n, vocab], 400 MB at 2k)
+            model(
+                ids,
+                attention_mask=full_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             for i, layer in stock.items():  # the pass's tokens are forgotten by the stock layers too
                 cache.layers[i] = copy.deepcopy(layer)
             for layer, count in zip(layers, seen):

@@ -294,7 +294,7 @@ class AdaKVLayer(CacheLayerMixin):
             visible=visible,
             query_valid=valid,
             span=phase.scoring,
-            hidden_states=phase.hidden.get(id(module)),
+            hidden_states=phase.hidden.pop(id(module), None),  # freed once used
             module=module,
             scaling=scaling,
             softcap=softcap,
