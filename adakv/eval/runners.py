@@ -90,7 +90,7 @@ def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True
 
             key = (_policy_key(cache), chunk_size, tuple(ids.shape), ids.cpu().numpy().tobytes())
             if key not in scored:
-                scored.clear()  # a new prefix: the previous one's scored caches are not asked for again
+                scored.clear()  # only the latest (policy, prefix): the grid asks for one policy's budgets in a row
                 fresh = copy.deepcopy(cache)
                 score_context(model, fresh, ids, tokenizer=tok, chunk_size=chunk_size)
                 scored[key] = fresh

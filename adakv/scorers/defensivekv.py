@@ -45,23 +45,38 @@ class DefensiveKV(Scorer):
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         risk = defensive_aggregation(window_attention(inputs), inputs.valid, self.kernel_size)
-        value = value_perturbation(inputs)
-        return risk * value / value.sum(1, keepdim=True).clamp_min(1e-30)
+        return risk * head_share_of_value(inputs)
 
 
 def defensive_aggregation(attn: torch.Tensor, valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]`` -> risk
     ``[B, H, L]``."""
-    bsz, heads, group, w, seq = attn.shape
+    seq, w = attn.shape[-1], attn.shape[-2]
     prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
     prefix[seq - w :] = False
     attn = attn * prefix  # window columns are not scored (they are kept anyway)
+    risk = pool_rows(attn, prefix, kernel_size).amax(dim=(2, 3))  # worst case over the group and the window queries
+    return floor_at_mean(risk, valid & prefix)
+
+
+def pool_rows(attn: torch.Tensor, keep: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Step 1: each attention row ``[..., L]`` (zero outside ``keep``) average-pooled along L (zero padding), zeroed
+    outside ``keep`` again and rescaled to the row's original mass."""
     mass = attn.sum(-1, keepdim=True)
-    pad = kernel_size // 2
-    pooled = F.avg_pool1d(attn.reshape(-1, 1, seq), kernel_size, stride=1, padding=pad, count_include_pad=True)
-    pooled = pooled.reshape(attn.shape) * prefix
-    pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
-    risk = pooled.amax(dim=(2, 3))  # worst case over the group and the window queries
-    real = valid & prefix
+    pooled = F.avg_pool1d(
+        attn.reshape(-1, 1, attn.shape[-1]), kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True
+    )
+    pooled = pooled.reshape(attn.shape).masked_fill(~keep, 0.0)
+    return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
+
+
+def floor_at_mean(risk: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Step 3, the prior correction: ``risk`` ``[B, H, L]`` raised to its per-head mean over the ``real`` tokens."""
     mean = (risk * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
     return torch.maximum(risk, mean)
+
+
+def head_share_of_value(inputs: ScoreInputs) -> torch.Tensor:
+    """Step 4: the value term N_hj normalized across the layer's KV heads, N_hj / sum_h' N_h'j ``[B, H, L]``."""
+    value = value_perturbation(inputs)
+    return value / value.sum(1, keepdim=True).clamp_min(1e-30)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import ContextScorer, PassAttention, ScoreInputs, ScoringPass
-from .criticalkv import value_perturbation
+from .defensivekv import floor_at_mean, head_share_of_value, pool_rows
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 # Elements of one block of pass logits ([B, H, G, q, M]); bounds the scorer's extra memory.
 BLOCK_ELEMENTS = 1 << 22
+POOL_KERNEL = 5  # KVzip-Defensive's row pooling, DefensiveKV's default kernel
 
 
 class KVzip(ContextScorer):
@@ -152,7 +152,8 @@ class KVzip(ContextScorer):
             if self.defensive:  # the rows themselves are pooled over the span
                 if weight is not None:
                     probs = probs * weight[:, :, :, None, :context]
-                probs = _pool_rows(probs.masked_fill(~span[:, :, None, None, :], 0.0), span[:, :, None, None, :])
+                keep = span[:, :, None, None, :]
+                probs = pool_rows(probs.masked_fill(~keep, 0.0), keep, POOL_KERNEL)
                 top = probs.amax(dim=(2, 3))
             else:
                 top = probs.amax(dim=3)  # [B, H, G, context]
@@ -178,21 +179,9 @@ class KVzip(ContextScorer):
 
     def finalize(self, scores: torch.Tensor, inputs: ScoreInputs) -> torch.Tensor:
         if self.defensive:
-            real = inputs.valid
-            mean = (scores * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
-            value = value_perturbation(inputs)
-            scores = torch.maximum(scores, mean) * value / value.sum(1, keepdim=True).clamp_min(1e-30)
+            scores = floor_at_mean(scores, inputs.valid) * head_share_of_value(inputs)
         sink = (inputs.positions >= 0) & (inputs.positions < self.sinks)
         return scores.masked_fill(sink, float("inf"))
-
-
-def _pool_rows(probs: torch.Tensor, keep: torch.Tensor, kernel_size: int = 5) -> torch.Tensor:
-    """Average-pool each attention row ``[..., M]`` over its scored columns (``keep``), keeping the row's mass."""
-    mass = probs.sum(-1, keepdim=True)
-    flat = probs.reshape(-1, 1, probs.shape[-1])
-    pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
-    pooled = pooled.reshape(probs.shape).masked_fill(~keep, 0.0)
-    return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
 
 
 def _assistant_header(tokenizer) -> str:
