@@ -224,6 +224,22 @@ class AdaKVLayer(CacheLayerMixin):
         if valid is not None and bool(valid.all()):
             valid = None
         self.cascade_scores = None  # they describe the rows of the last prompt chunk only
+        q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
+        static = self.policy.reserve is not None
+        if (
+            self.ops.decode_ is not None
+            and valid is None
+            and q_len == 1
+            and h_q // h_kv <= self.ops.decode_group_limit
+            and store.has_room(1)
+        ):
+            # one decoded token: append, attend and advance the lengths in the backend's single launch
+            width = store.width if static else store.max_length() + 1
+            out = store.decode(q, keys, values, scaling, softcap, width)
+            self._decoded += 1
+            if observe and self.decode_state is not None:
+                self.decode_state.after_append(self, module, q, scaling, softcap, None)
+            return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
         store.append(keys, values, valid)
         if valid is None:
             self._decoded += q_len
@@ -233,14 +249,26 @@ class AdaKVLayer(CacheLayerMixin):
         if valid is not None:
             count = torch.cumsum(valid.long(), -1)
             hidden = count[:, -1:] - count  # valid new tokens after query i, invisible to it
-        q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
-        if self.policy.reserve is not None and store.max_length() <= store.width:
+        if static and store.max_length() <= store.width:
             # fixed width (the widest segment's capacity) and device metadata only: traceable, capturable
-            attend = self.ops.ragged_attention_static
-            width = store.width
+            out = self.ops.ragged_attention_static(
+                q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.width
+            )
         else:
-            attend, width = self.ops.ragged_attention, store.max_length()
-        out = attend(q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, width)
+            starts, lengths = store.host_segments()  # the torch backend loops on them; Triton reads the tensors
+            out = self.ops.ragged_attention(
+                q,
+                store.keys,
+                store.values,
+                store.start,
+                store.length,
+                scaling,
+                softcap,
+                hidden,
+                store.max_length(),
+                host_start=starts,
+                host_length=lengths,
+            )
         if observe and self.decode_state is not None:
             self.decode_state.after_append(self, module, q, scaling, softcap, hidden)
         return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()

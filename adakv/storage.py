@@ -45,6 +45,7 @@ class RaggedKV:
         # copies (not aliases, even on CPU): the host and device metadata are updated separately
         self.length = self._length_host.to(device, copy=True)
         self.start = self._start_host.to(device, copy=True)
+        self._counters: torch.Tensor | None = None  # scratch of the fused decode op, made at its first use
 
     # Host lengths are folded lazily: a decoded token (the same count appended to every segment) only bumps
     # Python ints, so a decode step runs no host tensor op and can be traced or captured in a CUDA graph.
@@ -59,6 +60,7 @@ class RaggedKV:
     @_length_host.setter
     def _length_host(self, value: torch.Tensor) -> None:
         self._lengths_cpu = value
+        self._host_lists = None  # host_segments' lists, keyed on the lengths tensor they came from
         self._pending = 0
         self._max_base = int(value.max()) if value.numel() else 0
 
@@ -94,6 +96,22 @@ class RaggedKV:
         """Tokens held per segment, int64 ``[batch, kv_heads]`` on CPU."""
         return self._length_host.clone()
 
+    def host_segments(self) -> tuple[list[int], list[int]]:
+        """Every segment's start and length as Python ints (row-major), from the host bookkeeping. The lists are
+        rebuilt only when the lengths were replaced; a decoded token just adds the pending count (no tensor op),
+        which is what the CPU attention loops over."""
+        lengths_cpu, pending = self._lengths_cpu, self._pending
+        cached = self._host_lists
+        if cached is None or cached[0] is not lengths_cpu:
+            cached = self._host_lists = (
+                lengths_cpu,
+                self._start_host.reshape(-1).tolist(),
+                lengths_cpu.reshape(-1).tolist(),
+            )
+        if not pending:
+            return cached[1], cached[2]
+        return cached[1], [n + pending for n in cached[2]]
+
     def max_length(self) -> int:
         """The longest segment, from the host bookkeeping (no device sync, no tensor op)."""
         return self._max_base + self._pending
@@ -122,13 +140,21 @@ class RaggedKV:
         self.ops.copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
         self.__dict__.update(new.__dict__)
 
+    def has_room(self, q_len: int) -> bool:
+        """Every segment can take ``q_len`` more tokens without a re-layout (one int compared, no tensor op)."""
+        return q_len <= self._min_free
+
+    def _took(self, q_len: int) -> None:
+        """Host bookkeeping of ``q_len`` tokens appended to every segment: Python ints only."""
+        self._pending += q_len
+        self._min_free -= q_len
+
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment."""
         q_len = new_k.shape[2]
-        if valid is None and q_len <= self._min_free:  # decoding: room everywhere, no tensor op on the host
+        if valid is None and self.has_room(q_len):  # decoding: room everywhere, no tensor op on the host
             self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length)
-            self._pending += q_len
-            self._min_free -= q_len
+            self._took(q_len)
             self.length += q_len  # a scalar: no host-to-device copy (that would sync) per decoded token
             return
         if valid is None:
@@ -143,6 +169,26 @@ class RaggedKV:
         self._length_host = self._length_host + added
         self._min_free = self._free()
         self.length += q_len if valid is None else added.to(self.length.device)
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        new_k: torch.Tensor,
+        new_v: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        width: int,
+    ) -> torch.Tensor:
+        """Append one token ``[B, H, 1, D]`` to every segment and attend ``q`` ``[B, H, G, 1, D]`` over the result,
+        in the backend's one fused launch (``ops.decode_``; the caller checked :meth:`has_room` (1)). ``width``
+        sizes the launch: >= the longest segment after the append; a fixed value gives a fixed grid."""
+        if self._counters is None:  # the fused op's per-segment counters: zeros, and it leaves them at zero
+            self._counters = torch.zeros(self.length.numel(), dtype=torch.int32, device=self.length.device)
+        out = self.ops.decode_(
+            q, new_k, new_v, self.keys, self.values, self.start, self.length, self._counters, scaling, softcap, width
+        )
+        self._took(1)
+        return out
 
     def truncate(self, length: torch.Tensor) -> None:
         """Forget every row past ``length`` ``[B, H]`` (host int64) in each segment: tokens appended only for a

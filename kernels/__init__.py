@@ -26,6 +26,7 @@ def _triton_ops() -> SimpleNamespace:
     try:
         copy = importlib.import_module(".triton_copy", __name__)
         attn = importlib.import_module(".triton_attention", __name__)
+        fused = importlib.import_module(".triton_decode", __name__)
     except ImportError as err:  # triton missing or broken
         raise ValueError(f"ADAKV_BACKEND=triton, but Triton cannot be imported ({err}). pip install triton.") from err
     return SimpleNamespace(
@@ -35,10 +36,17 @@ def _triton_ops() -> SimpleNamespace:
         append_=copy.append_,
         ragged_attention=attn.ragged_attention,
         ragged_attention_static=attn.ragged_attention,  # its grid comes from max_len: fixed when given a fixed width
+        decode_=fused.decode_,  # one decoded token: append + attention + split merge + length, one launch
+        decode_group_limit=fused.MAX_GROUP,
     )
 
 
-_REFERENCE = SimpleNamespace(name="torch", **{op: getattr(reference, op) for op in _OPS})
+_REFERENCE = SimpleNamespace(
+    name="torch",
+    decode_=None,  # no fused decode step: append_ then ragged_attention
+    decode_group_limit=0,
+    **{op: getattr(reference, op) for op in _OPS},
+)
 _REFERENCE.ragged_attention = torch_ragged.ragged_attention  # the copy-free CPU version; reference.py stays the oracle
 # fixed shapes for a given max_len and no host reads: what torch.compile / CUDA graphs need (torch_ragged loops on
 # host metadata)

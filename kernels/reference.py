@@ -77,18 +77,17 @@ def append_(
     suffice; ``length`` is not modified (the caller owns it).
     """
     bsz, heads, q_len, dim = new_k.shape
+    end = start + length  # [B, H]: the first free row of every segment
     if valid is None:
-        rank = torch.arange(q_len, device=new_k.device).expand(bsz, q_len)
-    else:
-        rank = torch.cumsum(valid.long(), -1) - 1
-    dst = (start + length)[:, :, None] + rank[:, None, :]  # [B, H, Q]
-    if valid is None:
-        k_buf[dst.reshape(-1)] = new_k.reshape(-1, dim)
-        v_buf[dst.reshape(-1)] = new_v.reshape(-1, dim)
-    else:
-        sel = valid[:, None, :].expand(bsz, heads, q_len)
-        k_buf[dst[sel]] = new_k[sel]
-        v_buf[dst[sel]] = new_v[sel]
+        # index_copy_ (rows are distinct): a decoded token costs three small ops per layer, not an index_put's setup
+        dst = end.reshape(-1) if q_len == 1 else (end[:, :, None] + torch.arange(q_len, device=end.device)).reshape(-1)
+        k_buf.index_copy_(0, dst, new_k.reshape(-1, dim))
+        v_buf.index_copy_(0, dst, new_v.reshape(-1, dim))
+        return
+    dst = end[:, :, None] + (torch.cumsum(valid.long(), -1) - 1)[:, None, :]  # [B, H, Q]
+    sel = valid[:, None, :].expand(bsz, heads, q_len)
+    k_buf[dst[sel]] = new_k[sel]
+    v_buf[dst[sel]] = new_v[sel]
 
 
 def ragged_attention_probs(

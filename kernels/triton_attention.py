@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_softmax import attend_tile
+
 # Triton's CPU interpreter computes half-precision dots wrongly; it gets the exact fp32 path instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _alloc = torch.empty  # scratch allocation; tests swap in a NaN-filled one to catch unwritten elements
@@ -83,27 +85,8 @@ def _ragged_attention_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if IEEE:
-            logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            logits = tl.dot(q, tl.trans(k))
-        logits = logits * scaling
-        if HAS_SOFTCAP:
-            x = logits / softcap
-            logits = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)  # tanh(x)
         seen = (cols[None, :] < visible[:, None]) & col_ok[None, :]
-        logits = tl.where(seen, logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, IEEE)
 
     out_mask = row_ok[:, None] & d_ok[None, :]
     if SINGLE:  # one split: normalize and write the result directly (rows that saw nothing give 0)
@@ -130,7 +113,7 @@ def _merge_splits_kernel(
     m = tl.load(m_ptr + part, mask=s_ok, other=float("-inf"))
     l = tl.load(l_ptr + part, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
-    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
     denom = tl.sum(l * weight, 0)
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < dim
@@ -149,11 +132,16 @@ def ragged_attention(
     softcap: float | None = None,
     hidden: torch.Tensor | None = None,
     max_len: int | None = None,
+    *,
+    host_start: object = None,
+    host_length: object = None,
 ) -> torch.Tensor:
     """Triton version of :func:`adakv.kernels.reference.ragged_attention`.
 
     ``max_len`` (the longest segment, known on the host by the cache) sizes the
-    split-K grid; without it one device sync reads it.
+    split-K grid; without it one device sync reads it. ``host_start`` / ``host_length`` are accepted so that
+    every backend takes the same call (:func:`adakv.kernels.torch_ragged.ragged_attention` loops on them); the
+    kernel reads the device tensors.
     """
     bsz, heads, group, q_len, dim = q.shape
     n_seg, n_rows = bsz * heads, group * q_len

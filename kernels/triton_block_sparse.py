@@ -22,50 +22,11 @@ import triton
 import triton.language as tl
 
 from .block_sparse_reference import check_inputs, geometry
+from .triton_softmax import attend_tile
 
 # Triton's CPU interpreter computes half-precision dots wrongly; it gets the exact fp32 path instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _alloc = torch.empty  # output allocation; tests swap in a NaN-filled one to catch unwritten elements
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _attend(
-    q,
-    k,
-    v,
-    keep,
-    m_i,
-    l_i,
-    acc,
-    qk_scale,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One online-softmax step of a query tile over one key tile (``keep``: [BLOCK_M, BLOCK_N] bool)."""
-    if IEEE:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        x = s * (qk_scale / softcap)
-        s = softcap * _LOG2E * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)  # softcap * tanh(x), in log2 units
-    else:
-        s = s * (qk_scale * _LOG2E)
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -155,7 +116,7 @@ def _block_sparse_kernel(
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * sk_n + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * sv_n + d[None, :], mask=kv_mask, other=0.0)
         keep = row_ok[:, None] & kok[None, :]
-        m_i, l_i, acc = _attend(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
+        m_i, l_i, acc = attend_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
 
     # 2. the segment's own keys before this tile (no causal mask needed), then the diagonal tile
     for n0 in range(seg_v0, v_first, BLOCK_N):
@@ -167,7 +128,7 @@ def _block_sparse_kernel(
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * sk_n + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * sv_n + d[None, :], mask=kv_mask, other=0.0)
         keep = row_ok[:, None] & kok[None, :]
-        m_i, l_i, acc = _attend(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
+        m_i, l_i, acc = attend_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
     for n0 in range(v_first, v_first + BLOCK_M, BLOCK_N):
         vk = n0 + tl.arange(0, BLOCK_N)
         kpos = vk - pad
@@ -177,7 +138,7 @@ def _block_sparse_kernel(
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * sk_n + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * sv_n + d[None, :], mask=kv_mask, other=0.0)
         keep = row_ok[:, None] & kok[None, :] & (vk[None, :] <= vq[:, None])
-        m_i, l_i, acc = _attend(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
+        m_i, l_i, acc = attend_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, IEEE)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw nothing (padding) gives 0
     o_ptrs = o_ptr + b64 * so_b + h.to(tl.int64) * so_h + qi[:, None].to(tl.int64) * so_m + d[None, :]

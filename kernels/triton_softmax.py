@@ -1,0 +1,56 @@
+"""The online-softmax step every adakv attention kernel shares (flash-attention style, fp32, exp2).
+
+``m`` is the running row maximum and ``l`` the running sum of ``exp2(logit - m)``, both in log2 units (logits
+times log2(e)), so partial results merged elsewhere (split-K) must merge with ``exp2`` as well.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def log2_logits(s, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products ``s`` -> scaled (and soft-capped: softcap * tanh(s * scale / softcap)) logits, in log2
+    units."""
+    if HAS_SOFTCAP:
+        x = s * (qk_scale / softcap)
+        return softcap * LOG2E * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)  # tanh(x) from one exp
+    return s * (qk_scale * LOG2E)
+
+
+@triton.jit
+def attend_tile(
+    q,
+    k,
+    v,
+    keep,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One online-softmax step of a query tile ``[M, D]`` over one key/value tile ``[N, D]`` (``keep``: bool, a
+    mask broadcastable to ``[M, N]``); returns the new ``(m, l, acc)``. ``IEEE``: exact fp32 dots (fp32 inputs,
+    and the CPU interpreter, whose half-precision dots are wrong)."""
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keep, log2_logits(s, qk_scale, softcap, HAS_SOFTCAP), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at 0 / 0
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
