@@ -164,6 +164,7 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     ]
     t_ragged = timed(ragged, dev, args.repeats, args.calls)
     t_full = timed(full, dev, args.repeats, args.calls)
+    steps = decode_step_ab(stores, q, scaling, ops, dev, args) if ops.decode_ is not None else None
     g_ragged, why_ragged = graph_timed(ragged, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     g_full, why_full = graph_timed(full, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
@@ -198,9 +199,79 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
         "fraction_of_copy_bandwidth": kept_bytes / t_ragged / bandwidth,
         "graph_fraction_of_copy_bandwidth": kept_bytes / g_ragged / bandwidth if g_ragged else None,
         "full_fraction_of_copy_bandwidth": full_bytes / t_full / bandwidth,
+        "decode_step_fused_vs_unfused": steps,
         "compaction_s": t_compact,
         "prefill_attention_s": t_prefill,
         "compaction_fraction_of_prefill_attention": t_compact / t_prefill,
+    }
+
+
+def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops, dev: str, args) -> dict:
+    """A whole decode step of one layer's cache, fused (``ops.decode_``: one launch appends, attends, merges and
+    advances the lengths) vs unfused (``append_`` + ``ragged_attention`` + ``length += 1``). Each call is followed
+    by ``length -= 1`` (one tiny launch in both) so that every timed call sees the same lengths."""
+    bsz, heads, _, _, dim = q.shape
+    gen = torch.Generator(device=dev).manual_seed(1)
+    new_k = torch.randn(bsz, heads, 1, dim, device=dev, dtype=q.dtype, generator=gen)
+    new_v = torch.randn_like(new_k)
+    counters = torch.zeros(bsz * heads, dtype=torch.int32, device=dev)
+
+    def fused(store: RaggedKV) -> Callable[[], None]:
+        width = store.max_length() + 1
+
+        def call() -> None:
+            ops.decode_(
+                q, new_k, new_v, store.keys, store.values, store.start, store.length, counters, scaling, None, width
+            )
+            store.length.sub_(1)
+
+        return call
+
+    def unfused(store: RaggedKV) -> Callable[[], None]:
+        width = store.max_length() + 1
+
+        def call() -> None:
+            ops.append_(store.keys, store.values, new_k, new_v, store.start, store.length)
+            store.length.add_(1)
+            ops.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling, None, None, width)
+            store.length.sub_(1)
+
+        return call
+
+    # correctness first: one fused step against the unfused one on the same store
+    store = stores[0]
+    got = ops.decode_(
+        q,
+        new_k,
+        new_v,
+        store.keys,
+        store.values,
+        store.start,
+        store.length,
+        counters,
+        scaling,
+        None,
+        store.max_length() + 1,
+    )
+    want = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling)
+    store.length.sub_(1)
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    t_fused = timed([fused(s) for s in stores], dev, args.repeats, args.calls)
+    t_unfused = timed([unfused(s) for s in stores], dev, args.repeats, args.calls)
+    g_fused, why_f = (
+        graph_timed([fused(s) for s in stores], args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
+    )
+    g_unfused, why_u = (
+        graph_timed([unfused(s) for s in stores], args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
+    )
+    return {
+        "fused_s": t_fused,
+        "unfused_s": t_unfused,
+        "fused_over_unfused": t_fused / t_unfused,
+        "fused_graph_s": g_fused,
+        "unfused_graph_s": g_unfused,
+        "graph_not_timed": {k: v for k, v in (("fused", why_f), ("unfused", why_u)) if v} or None,
+        "fused_max_rel_err_vs_reference": err,
     }
 
 
