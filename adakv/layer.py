@@ -186,7 +186,9 @@ class AdaKVLayer(CacheLayerMixin):
         if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
             choice = Choice(valid_heads.clone())
         else:
-            choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade, lookahead=probe)
+            choice = self.policy.selection.select(
+                inputs, self.n_real, self.shared.cascade, lookahead=probe, n_final=self.shared.phase.final_tokens
+            )
         self.store = RaggedKV.from_dense(keys, values, choice.keep, slack=self._slack(), ops=self.ops)
         self._compacted(inputs, choice)
 
@@ -205,7 +207,9 @@ class AdaKVLayer(CacheLayerMixin):
         probe = self._forget_probe()
         if probe:
             self.n_real = self.n_real - probe
-        choice = self.policy.selection.select(inputs, self.n_real, self.shared.cascade, lookahead=probe)
+        choice = self.policy.selection.select(
+            inputs, self.n_real, self.shared.cascade, lookahead=probe, n_final=self.shared.phase.final_tokens
+        )
         store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
         self._compacted(inputs, choice)
         return out

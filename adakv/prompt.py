@@ -49,6 +49,9 @@ class PromptPhase:
         self.hidden: dict[int, torch.Tensor] = {}  # attention modules' inputs during a pass, by id(module)
         # set by prefill_in_chunks: the last this many tokens of the forward are a probe (see there)
         self.lookahead = 0
+        # set by prefill_in_chunks: real tokens [B] (host int64) each prompt has in all, which sizes every
+        # chunk's budget (Selection.per_head)
+        self.final_tokens: torch.Tensor | None = None
         self.unsettled = False  # adakv.score_context ran, adakv.settle_context not yet
 
     def begin_forward(self, q_len: int, first: bool, window: int) -> None:
@@ -120,6 +123,15 @@ def _stock_layers_skip_probe(cache: AdaKVCache, probe: int) -> Iterator[None]:
             del layer.update
 
 
+@contextmanager
+def _clears_final_tokens_on_error(phase: PromptPhase) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        phase.final_tokens = None
+        raise
+
+
 @torch.no_grad()
 def prefill_in_chunks(
     model,
@@ -128,9 +140,18 @@ def prefill_in_chunks(
     chunk_size: int,
     attention_mask: torch.Tensor | None = None,
     lookahead: bool = True,
+    hold_final: bool = True,
 ) -> torch.Tensor:
     """Feed a long prompt (a document) through ``model`` in chunks of ``chunk_size`` tokens, compressing
-    after each chunk, so the K/V held never exceeds the budget of the tokens seen plus one chunk.
+    after each chunk, so the K/V held never exceeds the prompt's final budget plus one chunk.
+
+    ``hold_final`` (default): the whole prompt's length is known here, so every chunk is cut back to the
+    budget the *whole* prompt gets (capped at the tokens seen), not to the budget of the tokens seen so far:
+    the early chunks lose nothing until the final budget is reached, and the last selection chooses from as
+    many candidates as the memory bound allows. The peak is the same as without it (the final budget plus
+    the last chunk); it is only reached earlier. ``hold_final=False``: each chunk is cut to the budget of the
+    tokens seen so far (what ``generate(prefill_chunk_size=N)`` does: it does not tell the cache the total).
+    An int budget (tokens per head) is the same either way.
 
     ``lookahead`` (default): every chunk but the last is scored as a one-shot prefill would score it, from
     the prompt's *final* observation window (its last ``window`` tokens: the question, when the prompt ends
@@ -153,6 +174,8 @@ def prefill_in_chunks(
         )
     if not isinstance(lookahead, bool):
         raise TypeError(f"lookahead must be True or False, got {lookahead!r}.")
+    if not isinstance(hold_final, bool):
+        raise TypeError(f"hold_final must be True or False, got {hold_final!r}.")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -172,7 +195,8 @@ def prefill_in_chunks(
         )
     phase = cache.shared.phase
     logits = None
-    with compressing(cache):
+    phase.final_tokens = mask.sum(-1).to("cpu", torch.int64) if hold_final else None
+    with compressing(cache), _clears_final_tokens_on_error(phase):
         for lo, hi in bounds:
             ids, chunk_mask, pos = input_ids[:, lo:hi], mask[:, :hi], positions[:, lo:hi]
             ahead = probe if hi < length else 0
@@ -190,4 +214,5 @@ def prefill_in_chunks(
             finally:
                 phase.lookahead = 0
             logits = out.logits[:, -1]
+    phase.final_tokens = None  # the prompt is in: later forwards (a question, decoding) size budgets as usual
     return logits

@@ -98,22 +98,32 @@ class Selection:
             return n_seen.clamp(max=self.budget)
         return torch.floor(n_seen.double() * self.budget + 0.5).long().clamp(min=1).minimum(n_seen)
 
-    def per_head(self, n_seen: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
-        """Per-head budget ``[B]`` (host int64) of one layer, for sequences that have seen ``n_seen`` tokens."""
+    def per_head(
+        self, n_seen: torch.Tensor, layer: int, num_layers: int, n_final: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-head budget ``[B]`` (host int64) of one layer, for sequences that have seen ``n_seen`` tokens.
+        ``n_final``: the real tokens each prompt will have in all, when known (a chunked prefill): the budget is
+        then the final one, capped at what was seen, so early chunks are not cut below what the end keeps."""
         n_seen = n_seen.to("cpu", torch.int64)
-        per_head = self.tokens_per_head(n_seen)
-        per_head = self.allocator.layer_budget(per_head, n_seen, layer, num_layers, self.window)
+        n_budget = n_seen if n_final is None else torch.maximum(n_final.to("cpu", torch.int64), n_seen)
+        per_head = self.tokens_per_head(n_budget)
+        per_head = self.allocator.layer_budget(per_head, n_budget, layer, num_layers, self.window)
         return per_head.clamp(min=1).minimum(n_seen.clamp(min=1))
 
     def rank(
-        self, inputs: ScoreInputs, n_seen: torch.Tensor, scores: torch.Tensor | None = None, lookahead: int = 0
+        self,
+        inputs: ScoreInputs,
+        n_seen: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        lookahead: int = 0,
+        n_final: torch.Tensor | None = None,
     ) -> Ranking | None:
         """The scores the allocator ranks (+inf where kept by rule, -inf at padding) and the budgets; None when
         every sequence keeps all its candidates. ``scores``: use these instead of calling the scorer;
-        ``lookahead``: see :meth:`select`."""
+        ``lookahead``, ``n_final``: see :meth:`select`."""
         valid = candidates(inputs, lookahead)
         heads, seq = inputs.keys.shape[1], inputs.keys.shape[2]
-        per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers)
+        per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers, n_final)
         whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
         if bool(whole.all()):
             return None
@@ -140,6 +150,7 @@ class Selection:
         cascade: Cascade | None = None,
         scores: torch.Tensor | None = None,
         lookahead: int = 0,
+        n_final: torch.Tensor | None = None,
     ) -> Choice:
         """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``.
 
@@ -147,9 +158,11 @@ class Selection:
         the scorer (a context scorer's finalized scores); ``lookahead``: the last this many columns are a probe
         (the prompt's final window, run ahead of its turn by :func:`adakv.prefill_in_chunks`): the scorer sees
         them as its window, but they are not candidates (never kept, not counted in ``n_seen``) and no other
-        token is kept by rule."""
+        token is kept by rule; ``n_final``: the real tokens each prompt will have once all its chunks are in
+        (known to :func:`adakv.prefill_in_chunks`): a chunk keeps up to the final budget, not the budget of
+        the tokens seen so far (see :meth:`per_head`)."""
         valid = candidates(inputs, lookahead)
-        ranking = self.rank(inputs, n_seen, scores, lookahead)
+        ranking = self.rank(inputs, n_seen, scores, lookahead, n_final)
         if ranking is None:
             return Choice(valid.clone())
         if cascade is not None:

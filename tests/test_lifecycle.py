@@ -101,7 +101,7 @@ def test_three_ways_of_chunking_agree_and_a_question_is_appended_whole():
 
     def via_helper():
         cache = AdaKVCache(model, budget=0.25, window=8)
-        prefill_in_chunks(model, cache, ids[:, doc], 40, attention_mask=mask[:, doc], lookahead=False)
+        prefill_in_chunks(model, cache, ids[:, doc], 40, attention_mask=mask[:, doc], lookahead=False, hold_final=False)
         return cache
 
     def via_context():

@@ -98,10 +98,12 @@ def test_every_chunk_is_scored_from_the_prompts_final_window():
     assert not torch.allclose(plain.calls[0][0][:, :, -window:], final)  # without it: the chunk's own end
 
 
+@pytest.mark.parametrize("hold_final", [True, False])
 @pytest.mark.parametrize("method", ["ada-snapkv", "criticalkv", "layer-defensivekv"])
-def test_lookahead_keeps_the_budget_and_never_the_probe(method):
-    """After every chunk each sequence holds its allocation of the real tokens seen (the probe not counted,
-    nothing kept by rule but the real final window); afterwards the same totals as a one-shot prefill."""
+def test_lookahead_keeps_the_budget_and_never_the_probe(method, hold_final):
+    """After every chunk each sequence holds at most its allocation (hold_final: the whole prompt's budget,
+    capped at the real tokens seen; else the budget of the tokens seen; the probe never counted, nothing kept
+    by rule but the real final window); afterwards the same totals as a one-shot prefill."""
     model = tiny_model("llama", num_hidden_layers=3)
     ids, mask = padded_batch(seq_len=150, pad=40)
     budget, window = 0.2, 8
@@ -116,18 +118,26 @@ def test_lookahead_keeps_the_budget_and_never_the_probe(method):
 
     hooks = [block.self_attn.register_forward_hook(spy, with_kwargs=True) for block in model.model.layers]
     try:
-        prefill_in_chunks(model, cache, ids, 32, attention_mask=mask)
+        prefill_in_chunks(model, cache, ids, 32, attention_mask=mask, hold_final=hold_final)
     finally:
         for hook in hooks:
             hook.remove()
+    assert cache.shared.phase.final_tokens is None  # a question appended later is sized as usual
     layers = len(model.model.layers)
+    n = mask.sum(-1)
+    above_seen_budget = False
     for i, (idx, n_real, held, seen) in enumerate(trace):
-        allowed = torch.where(n_real > 0, torch.floor(n_real * budget + 0.5).long().clamp(min=1), 0) * heads
+        seen_budget = torch.where(n_real > 0, torch.floor(n_real * budget + 0.5).long().clamp(min=1), 0) * heads
+        allowed = seen_budget
+        if hold_final:
+            allowed = torch.minimum(torch.floor(n * budget + 0.5).long(), n_real) * heads
         assert seen == 32 * (i // layers + 1) or seen == 150
         assert (n_real == (mask[:, :seen].sum(-1))).all()
         if method != "layer-defensivekv":  # the cascade settles its total over the layers, checked below
             assert (held <= allowed).all(), (idx, n_real, held, allowed)
-    n = mask.sum(-1)
+            above_seen_budget |= bool((held > seen_budget).any())
+    if method != "layer-defensivekv":  # early chunks keep up to the final budget only with hold_final
+        assert above_seen_budget == hold_final
     per_head = torch.floor(n * budget + 0.5).long()
     totals = sum(layer.store.lengths().sum(-1) for layer in compressed(cache))
     assert totals.tolist() == (per_head * heads * layers).tolist()

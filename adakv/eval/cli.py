@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
             "prompt's final window (adakv.prefill_in_chunks(lookahead=False))",
         )
         p.add_argument(
+            "--no-hold-final",
+            action="store_true",
+            help="with --prefill-chunk-size: cut each chunk to the budget of the tokens seen so far instead of the "
+            "whole prompt's budget (adakv.prefill_in_chunks(hold_final=False))",
+        )
+        p.add_argument(
             "--critiprefill",
             nargs="*",
             metavar="KEY=VALUE",

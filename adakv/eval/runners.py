@@ -51,15 +51,15 @@ MODES = ("aware", "agnostic", "multi")
 CacheFactory = Callable[[Any], Cache]  # (model) -> an empty cache
 
 
-def chunked_prefill(chunk_size: int, lookahead: bool = True) -> Prefill:
+def chunked_prefill(chunk_size: int, lookahead: bool = True, hold_final: bool = True) -> Prefill:
     """A :data:`~adakv.eval.metrics.Prefill` feeding an AdaKVCache the prefix in chunks of ``chunk_size`` tokens
-    (:func:`adakv.prefill_in_chunks`, compressing after each, with its ``lookahead``); any other cache gets one
-    forward."""
+    (:func:`adakv.prefill_in_chunks`, compressing after each, with its ``lookahead`` and ``hold_final``); any
+    other cache gets one forward."""
     from ..prompt import prefill_in_chunks
 
     def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(cache, AdaKVCache):
-            return prefill_in_chunks(model, cache, ids, chunk_size, lookahead=lookahead)
+            return prefill_in_chunks(model, cache, ids, chunk_size, lookahead=lookahead, hold_final=hold_final)
         return forward_prefill(model, cache, ids)
 
     return prefill
@@ -71,15 +71,18 @@ def _context_scorer_class() -> type | None:
     return getattr(scorers, "ContextScorer", None)
 
 
-def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True) -> Prefill:
+def auto_prefill(
+    tok: Any, chunk_size: int | None = None, lookahead: bool = True, hold_final: bool = True
+) -> Prefill:
     """How the harness fills a cache it builds live: :func:`adakv.compress_context` when the cache's scorer needs
     extra passes over the context (a ContextScorer such as KVzip; no logits come back), a chunked prefill when
-    ``chunk_size`` is given (with ``lookahead``, see :func:`adakv.prefill_in_chunks`), else one forward.
+    ``chunk_size`` is given (with ``lookahead`` and ``hold_final``, see :func:`adakv.prefill_in_chunks`), else
+    one forward.
 
     A context scorer's passes do not depend on the budget: the scored cache of the latest prefix is kept per
     policy, and each budget settles a copy of it (:func:`adakv.score_context` / :func:`adakv.settle_context`,
     the same result as compressing from scratch)."""
-    chunked = chunked_prefill(chunk_size, lookahead) if chunk_size else forward_prefill
+    chunked = chunked_prefill(chunk_size, lookahead, hold_final) if chunk_size else forward_prefill
     context_scorer = _context_scorer_class()
     scored: dict[tuple, Any] = {}
 
@@ -169,8 +172,9 @@ def contenders(
     else :func:`auto_prefill`)."""
     chunk = getattr(args, "prefill_chunk_size", None)
     lookahead = not getattr(args, "no_lookahead", False)
+    hold_final = not getattr(args, "no_hold_final", False)
     critiprefill = getattr(args, "critiprefill", None)  # CritiPrefill parameters, or None
-    live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead)
+    live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead, hold_final)
     window = args.window
     out = []
     if critiprefill is not None:  # the full cache's prefill made sparse, no eviction
