@@ -117,8 +117,9 @@ class AdaKVCache(Cache):
         decode: what happens while decoding: None keeps every decoded token; ``"rescore"``
             (:class:`~adakv.decode.Rescore`) or ``"h2o"`` (:class:`~adakv.decode.H2ODecode`), or an
             instance, keep the cache within its budget however long the generation.
-        backend: ``"torch"`` or ``"triton"`` (None: ``$ADAKV_BACKEND`` if set, else Triton on CUDA
-            and torch elsewhere), fixed when the cache is built.
+        backend: ``"torch"``, ``"triton"`` or ``"triton-fused"`` (Triton, with a decoded token in one fused
+            launch; opt-in until run on a GPU) (None: ``$ADAKV_BACKEND`` if set, else Triton on CUDA and torch
+            elsewhere), fixed when the cache is built.
         prefill_attention: a :class:`~adakv.policy.PrefillAttention` (e.g. CritiPrefill) computing
             the first prompt chunk's attention instead of the model's dense attention.
         reserve: rows reserved in every segment at each compaction for the tokens to come (e.g. the

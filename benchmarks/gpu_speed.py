@@ -44,7 +44,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adakv
 from adakv import AdaKVCache, kv_bytes
-from adakv.kernels import ops_for, reference
+from adakv.kernels import backend, ops_for, reference
 from adakv.storage import RaggedKV
 
 RESULTS = Path(__file__).parent / "results"
@@ -164,7 +164,9 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     ]
     t_ragged = timed(ragged, dev, args.repeats, args.calls)
     t_full = timed(full, dev, args.repeats, args.calls)
-    steps = decode_step_ab(stores, q, scaling, ops, dev, args) if ops.decode_ is not None else None
+    # the fused decode launch (the opt-in triton-fused backend) against the unfused Triton step
+    fused_ops = backend("triton-fused", q.device) if ops.name.startswith("triton") else None
+    steps = decode_step_ab(stores, q, scaling, ops, fused_ops, dev, args) if fused_ops is not None else None
     g_ragged, why_ragged = graph_timed(ragged, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     g_full, why_full = graph_timed(full, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
@@ -206,10 +208,10 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     }
 
 
-def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops, dev: str, args) -> dict:
-    """A whole decode step of one layer's cache, fused (``ops.decode_``: one launch appends, attends, merges and
-    advances the lengths) vs unfused (``append_`` + ``ragged_attention`` + ``length += 1``). Each call is followed
-    by ``length -= 1`` (one tiny launch in both) so that every timed call sees the same lengths."""
+def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops, fused_ops, dev: str, args) -> dict:
+    """A whole decode step of one layer's cache, fused (``fused_ops.decode_``: one launch appends, attends, merges
+    and advances the lengths) vs unfused (``ops``: ``append_`` + ``ragged_attention`` + ``length += 1``). Each call
+    is followed by ``length -= 1`` (one tiny launch in both) so that every timed call sees the same lengths."""
     bsz, heads, _, _, dim = q.shape
     gen = torch.Generator(device=dev).manual_seed(1)
     new_k = torch.randn(bsz, heads, 1, dim, device=dev, dtype=q.dtype, generator=gen)
@@ -220,7 +222,7 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
         width = store.max_length() + 1
 
         def call() -> None:
-            ops.decode_(
+            fused_ops.decode_(
                 q, new_k, new_v, store.keys, store.values, store.start, store.length, counters, scaling, None, width
             )
             store.length.sub_(1)
@@ -240,7 +242,7 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
 
     # correctness first: one fused step against the unfused one on the same store
     store = stores[0]
-    got = ops.decode_(
+    got = fused_ops.decode_(
         q,
         new_k,
         new_v,

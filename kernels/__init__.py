@@ -17,12 +17,15 @@ import torch
 from . import reference, torch_ragged
 from .reference import append_, compact_, copy_segments_, ragged_attention
 
-BACKENDS = ("torch", "triton", "flash")
+BACKENDS = ("torch", "triton", "triton-fused", "flash")
 _OPS = ("compact_", "copy_segments_", "append_", "ragged_attention")
 
 
 @functools.cache  # built once: this runs for every decoded token and layer
-def _triton_ops() -> SimpleNamespace:
+def _triton_ops(fused_decode: bool = False) -> SimpleNamespace:
+    """The Triton kernels; ``fused_decode``: a decoded token takes the one-launch ``triton_decode.decode_`` (the
+    ``triton-fused`` backend) instead of append + attention + merge. It is opt-in until it has been run on a GPU:
+    the interpreter runs programs one after another, so the cross-program merge is only proven there."""
     try:
         copy = importlib.import_module(".triton_copy", __name__)
         attn = importlib.import_module(".triton_attention", __name__)
@@ -30,14 +33,14 @@ def _triton_ops() -> SimpleNamespace:
     except ImportError as err:  # triton missing or broken
         raise ValueError(f"ADAKV_BACKEND=triton, but Triton cannot be imported ({err}). pip install triton.") from err
     return SimpleNamespace(
-        name="triton",
+        name="triton-fused" if fused_decode else "triton",
         compact_=copy.compact_,
         copy_segments_=copy.copy_segments_,
         append_=copy.append_,
         ragged_attention=attn.ragged_attention,
         ragged_attention_static=attn.ragged_attention,  # its grid comes from max_len: fixed when given a fixed width
-        decode_=fused.decode_,  # one decoded token: append + attention + split merge + length, one launch
-        decode_group_limit=fused.MAX_GROUP,
+        decode_=fused.decode_ if fused_decode else None,  # one decoded token in one launch, or None: unfused
+        decode_group_limit=fused.MAX_GROUP if fused_decode else 0,
     )
 
 
@@ -87,13 +90,13 @@ def backend(name: str | None, device: torch.device) -> SimpleNamespace:
     name = backend_name(device, check_backend(name))
     if name == "torch":
         return _REFERENCE
-    if name == "triton":
+    if name in ("triton", "triton-fused"):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                "The triton backend needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                f"The {name} backend needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
                 "(slow; for testing)."
             )
-        return _triton_ops()
+        return _triton_ops(name == "triton-fused")
     raise ValueError(
         "backend 'flash': decoding through flash-attn is not available in this version of adakv; "
         "use backend='triton' (CUDA) or 'torch'."

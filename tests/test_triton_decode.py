@@ -157,8 +157,9 @@ def test_split_plan_fills_whole_waves():
 
 @pytest.mark.parametrize("reserve", [None, 8])
 def test_generate_through_fused_decode_matches_torch(reserve, monkeypatch):
-    """End to end on a left-padded batch: every decoded token of the Triton backend goes through the fused launch
-    (counted), growth past the slack / reserve included, and the tokens equal the torch backend's."""
+    """End to end on a left-padded batch: every decoded token of the triton-fused backend goes through the fused
+    launch (counted), growth past the slack / reserve included, and the tokens equal the torch and the unfused
+    triton backends'; the plain triton backend never calls it."""
     from tiny_models import padded_batch, tiny_model
 
     from adakv import AdaKVCache
@@ -170,26 +171,28 @@ def test_generate_through_fused_decode_matches_torch(reserve, monkeypatch):
         calls.append(1)
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(triton_decode, "decode_", counted)
     import adakv.kernels as kernels
 
-    monkeypatch.setattr(kernels._triton_ops(), "decode_", counted)
+    monkeypatch.setattr(kernels._triton_ops(True), "decode_", counted)
+    assert kernels._triton_ops(False).decode_ is None
     model = tiny_model("llama").to(DEVICE)
     ids, mask = (t.to(DEVICE) for t in padded_batch(seq_len=40))
     outs = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "triton-fused"):
         cache = AdaKVCache(model, budget=0.4, window=4, backend=backend, reserve=reserve)
         with torch.no_grad():
             outs.append(
                 model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=24, do_sample=False)
             )
-    assert torch.equal(*outs)
+        if backend == "triton":
+            assert not calls
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     layers = model.config.num_hidden_layers
     assert len(calls) >= layers * 20  # most of the 23 decode steps (a step that needs a re-layout is unfused)
 
 
 def test_compiled_decode_step_through_the_fused_op_has_no_graph_break():
-    """With the Triton backend and a reserve, torch.compile(fullgraph=True) traces a whole decode step: the fused
+    """With the triton-fused backend and a reserve, torch.compile(fullgraph=True) traces a whole decode step: the fused
     launch is a registered op (adakv::decode_, its mutations declared), and the logits equal the eager step's."""
     from tiny_models import padded_batch, tiny_model
 
@@ -197,7 +200,7 @@ def test_compiled_decode_step_through_the_fused_op_has_no_graph_break():
 
     model = tiny_model("llama").to(DEVICE)
     ids, mask = (t.to(DEVICE) for t in padded_batch(seq_len=40, pad=5))
-    caches = [AdaKVCache(model, 0.5, window=4, reserve=16, backend="triton") for _ in range(2)]
+    caches = [AdaKVCache(model, 0.5, window=4, reserve=16, backend="triton-fused") for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             logits = model(ids, attention_mask=mask, past_key_values=cache).logits

@@ -174,7 +174,7 @@ def test_backend_selection_errors(monkeypatch):
     from adakv.kernels import ops_for
 
     monkeypatch.setenv("ADAKV_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="use one of torch, triton, flash"):
+    with pytest.raises(ValueError, match="use one of torch, triton, triton-fused, flash"):
         ops_for(torch.zeros(1))
     monkeypatch.setenv("ADAKV_BACKEND", "flash")
     with pytest.raises(ValueError, match="flash-attn is not available"):
