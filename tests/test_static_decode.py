@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_model
+from tiny_models import compiled_decode_matches_eager, padded_batch, tiny_model
 
 from adakv import AdaKVCache
 
@@ -39,20 +39,7 @@ def test_compiled_decode_step_has_no_graph_break(backend):
     with torch.no_grad():
         for cache in caches:
             logits = model(ids, attention_mask=mask, past_key_values=cache).logits
-    tok = logits[:, -1:].argmax(-1)
-
-    def step(cache, tok, attention_mask):
-        return model(tok, attention_mask=attention_mask, past_key_values=cache).logits
-
-    compiled = torch.compile(step, fullgraph=True, backend=backend, dynamic=True)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        for _ in range(5):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            eager = step(caches[0], tok, mask)
-            traced = compiled(caches[1], tok, mask)
-            torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
-            tok = eager[:, -1:].argmax(-1)
+    compiled_decode_matches_eager(model, caches, logits[:, -1:].argmax(-1), mask, backend, steps=5)
     assert torch.equal(caches[0].kept_lengths(0), caches[1].kept_lengths(0))
     assert caches[1].layers[0].n_real.tolist() == caches[0].layers[0].n_real.tolist()
 

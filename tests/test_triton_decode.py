@@ -13,7 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import compiled_decode_matches_eager, nan_alloc, padded_batch, tiny_model
 
+from adakv import AdaKVCache
 from adakv.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -24,9 +26,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture(autouse=True)
 def poisoned_scratch(monkeypatch):
-    def nan_alloc(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(triton_decode, "_alloc", nan_alloc)
 
 
@@ -160,10 +159,6 @@ def test_generate_through_fused_decode_matches_torch(reserve, monkeypatch):
     """End to end on a left-padded batch: every decoded token of the triton-fused backend goes through the fused
     launch (counted), growth past the slack / reserve included, and the tokens equal the torch and the unfused
     triton backends'; the plain triton backend never calls it."""
-    from tiny_models import padded_batch, tiny_model
-
-    from adakv import AdaKVCache
-
     calls = []
     fused = triton_decode.decode_
 
@@ -194,30 +189,13 @@ def test_generate_through_fused_decode_matches_torch(reserve, monkeypatch):
 def test_compiled_decode_step_through_the_fused_op_has_no_graph_break():
     """With the triton-fused backend and a reserve, torch.compile(fullgraph=True) traces a whole decode step: the fused
     launch is a registered op (adakv::decode_, its mutations declared), and the logits equal the eager step's."""
-    from tiny_models import padded_batch, tiny_model
-
-    from adakv import AdaKVCache
-
     model = tiny_model("llama").to(DEVICE)
     ids, mask = (t.to(DEVICE) for t in padded_batch(seq_len=40, pad=5))
     caches = [AdaKVCache(model, 0.5, window=4, reserve=16, backend="triton-fused") for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             logits = model(ids, attention_mask=mask, past_key_values=cache).logits
-    tok = logits[:, -1:].argmax(-1)
-
-    def step(cache, tok, attention_mask):
-        return model(tok, attention_mask=attention_mask, past_key_values=cache).logits
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        for _ in range(4):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            eager = step(caches[0], tok, mask)
-            traced = compiled(caches[1], tok, mask)
-            torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
-            tok = eager[:, -1:].argmax(-1)
+    compiled_decode_matches_eager(model, caches, logits[:, -1:].argmax(-1), mask, "aot_eager", steps=4)
     assert torch.equal(caches[0].kept_lengths(0), caches[1].kept_lengths(0))
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert torch.equal(a.store.length.cpu(), b.store.length.cpu())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import nan_alloc
 
 from adakv.kernels import reference
 
@@ -19,9 +20,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture(autouse=True)
 def poisoned_scratch(monkeypatch):
-    def nan_alloc(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(triton_attention, "_alloc", nan_alloc)
 
 

@@ -75,3 +75,26 @@ class ToyTokenizer:
 
     def encode(self, text, add_special_tokens=False):
         return [3 + (ord(c) * 7) % 250 for c in text.strip()][:6] or [3]
+
+
+def nan_alloc(*shape, dtype, device) -> torch.Tensor:
+    """A kernel module's ``_alloc`` for tests: scratch and outputs start as NaN, so unwritten elements show."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def compiled_decode_matches_eager(model, caches, tok, mask, compile_backend: str, steps: int) -> None:
+    """Decode ``steps`` tokens through ``caches[0]`` eagerly and through ``caches[1]`` with the step compiled by
+    ``torch.compile(fullgraph=True)`` (so any graph break fails); the logits must agree at every step."""
+
+    def step(cache, tok, attention_mask):
+        return model(tok, attention_mask=attention_mask, past_key_values=cache).logits
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend, dynamic=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+            eager = step(caches[0], tok, mask)
+            traced = compiled(caches[1], tok, mask)
+            torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+            tok = eager[:, -1:].argmax(-1)
