@@ -222,6 +222,14 @@ def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
     assert "| 240 | 2 | ada-snapkv | 0.25 |" in (out / "summary.md").read_text()
     assert (out / "speed.png").stat().st_size > 10_000
 
+    out = tmp_path / "static"  # StaticCache as a second baseline: preallocated for prompt + decode
+    argv = ["speed", "--model", tiny_dir, "--methods", "ada-snapkv", "--budgets", "0.25", "--lengths", "120"]
+    assert main([*argv, "--static", "--repeats", "1", "--decode-steps", "3", "--no-plots", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "static", "ada-snapkv"]
+    static = rows[1]
+    assert static["decode_tokens"] == 3 and static["kv_bytes_ratio"] > 1.0  # its buffers hold 120 + 3 + 1 tokens
+
     out = tmp_path / "h"
     argv = ["quality", "--model", tiny_dir, "--tasks", "niah_single", "--methods", "snapkv", "--budgets", "0.3"]
     argv += ["--lengths", "150", "200", "--samples", "3", "--depths", "0", "0.5", "1", "--modes", "aware"]

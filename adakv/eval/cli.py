@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per point (medians)")
     p.add_argument(
+        "--static",
+        action="store_true",
+        help="also measure transformers' StaticCache (the full cache preallocated for prompt + decode: no copy "
+        "per step), the stronger full-cache baseline; ratios stay relative to the DynamicCache",
+    )
+    p.add_argument(
         "--random-weights",
         action="store_true",
         help="build the model from its config with random weights (speed does not depend on them)",

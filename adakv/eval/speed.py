@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from ..cache import AdaKVCache, kv_bytes
 from ..layer import AdaKVLayer
@@ -230,9 +230,11 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _factory(model: Any, method: str, budget: float, window: int) -> Callable[[], Any]:
+def _factory(model: Any, method: str, budget: float, window: int, max_len: int) -> Callable[[], Any]:
     if method == "full":
         return lambda: full_cache(model)
+    if method == "static":  # the full cache preallocated for the whole generation: no copy per decoded token
+        return lambda: StaticCache(config=model.config, max_cache_len=max_len)
     return lambda: AdaKVCache(model, budget, method=method, window=window)
 
 
@@ -241,7 +243,8 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
 
     The configurations of a point are measured interleaved (repeat r of each, then repeat r + 1), so that
     drift of clocks or machine load falls on all of them alike; a warm-up comes first."""
-    configs = [("full", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    baselines = [("full", 1.0)] + ([("static", 1.0)] if getattr(args, "static", False) else [])
+    configs = baselines + [(m, b) for m in args.methods for b in args.budgets]
     points = [(n, b) for n in args.lengths for b in args.batches]
     progress = Progress(len(points) * len(configs) * args.repeats, "speed")
     on_gpu = model.device.type == "cuda"  # the allocator's peak costs nothing there: taken in every run
@@ -249,7 +252,8 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
     for length, batch in points:
         ctx, _ = prose_split(tok, length, 1, args.seed)
         ids = ctx.to(model.device).expand(batch, -1).contiguous()
-        factories = [_factory(model, m, b, args.window) for m, b in configs]
+        max_len = ids.shape[1] + args.decode_steps + 1  # every token a run holds (StaticCache's size)
+        factories = [_factory(model, m, b, args.window, max_len) for m, b in configs]
         for factory in factories:  # warm-up: kernels compiled, allocator and clocks up, a re-layout (> 16 steps)
             measure(model, ids[:, : min(256, length)], factory, max(4, min(32, args.decode_steps)), False)
         runs: list[list[dict]] = [[] for _ in configs]
