@@ -219,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
             "prompt's final window (adakv.prefill_in_chunks(lookahead=False))",
         )
         p.add_argument(
-            "--no-hold-final",
+            "--hold-final",
             action="store_true",
-            help="with --prefill-chunk-size: cut each chunk to the budget of the tokens seen so far instead of the "
-            "whole prompt's budget (adakv.prefill_in_chunks(hold_final=False))",
+            help="with --prefill-chunk-size: cut each chunk to the whole prompt's budget instead of the budget of "
+            "the tokens seen so far (adakv.prefill_in_chunks(hold_final=True))",
         )
         p.add_argument(
             "--critiprefill",

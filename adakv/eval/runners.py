@@ -51,7 +51,7 @@ MODES = ("aware", "agnostic", "multi")
 CacheFactory = Callable[[Any], Cache]  # (model) -> an empty cache
 
 
-def chunked_prefill(chunk_size: int, lookahead: bool = True, hold_final: bool = True) -> Prefill:
+def chunked_prefill(chunk_size: int, lookahead: bool = True, hold_final: bool = False) -> Prefill:
     """A :data:`~adakv.eval.metrics.Prefill` feeding an AdaKVCache the prefix in chunks of ``chunk_size`` tokens
     (:func:`adakv.prefill_in_chunks`, compressing after each, with its ``lookahead`` and ``hold_final``); any
     other cache gets one forward."""
@@ -170,7 +170,7 @@ def contenders(
     else :func:`auto_prefill`)."""
     chunk = getattr(args, "prefill_chunk_size", None)
     lookahead = not getattr(args, "no_lookahead", False)
-    hold_final = not getattr(args, "no_hold_final", False)
+    hold_final = getattr(args, "hold_final", False)
     critiprefill = getattr(args, "critiprefill", None)  # CritiPrefill parameters, or None
     live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead, hold_final)
     window = args.window
