@@ -123,15 +123,6 @@ def _stock_layers_skip_probe(cache: AdaKVCache, probe: int) -> Iterator[None]:
             del layer.update
 
 
-@contextmanager
-def _clears_final_tokens_on_error(phase: PromptPhase) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        phase.final_tokens = None
-        raise
-
-
 @torch.no_grad()
 def prefill_in_chunks(
     model,
@@ -194,23 +185,23 @@ def prefill_in_chunks(
     phase = cache.shared.phase
     logits = None
     phase.final_tokens = mask.sum(-1).to("cpu", torch.int64) if hold_final else None
-    with compressing(cache), _clears_final_tokens_on_error(phase):
-        for lo, hi in bounds:
-            ids, chunk_mask, pos = input_ids[:, lo:hi], mask[:, :hi], positions[:, lo:hi]
-            ahead = probe if hi < length else 0
-            if ahead:
-                ids = torch.cat([ids, input_ids[:, -ahead:]], -1)
-                chunk_mask = torch.cat([chunk_mask, mask[:, -ahead:]], -1)
-                pos = torch.cat([pos, positions[:, -ahead:]], -1)
-            kwargs = {"position_ids": pos}
-            if attention_mask is not None or ahead:
-                kwargs["attention_mask"] = chunk_mask
-            phase.lookahead = ahead
-            try:
+    try:
+        with compressing(cache):
+            for lo, hi in bounds:
+                ids, chunk_mask, pos = input_ids[:, lo:hi], mask[:, :hi], positions[:, lo:hi]
+                ahead = probe if hi < length else 0
+                if ahead:
+                    ids = torch.cat([ids, input_ids[:, -ahead:]], -1)
+                    chunk_mask = torch.cat([chunk_mask, mask[:, -ahead:]], -1)
+                    pos = torch.cat([pos, positions[:, -ahead:]], -1)
+                kwargs = {"position_ids": pos}
+                if attention_mask is not None or ahead:
+                    kwargs["attention_mask"] = chunk_mask
+                phase.lookahead = ahead
                 with _stock_layers_skip_probe(cache, ahead) if ahead else nullcontext():
                     out = model(ids, past_key_values=cache, use_cache=True, **kwargs)
-            finally:
-                phase.lookahead = 0
-            logits = out.logits[:, -1]
-    phase.final_tokens = None  # the prompt is in: later forwards (a question, decoding) size budgets as usual
+                logits = out.logits[:, -1]
+    finally:  # the prompt is in (or failed): later forwards (a question, decoding) are neither probed nor sized
+        phase.lookahead = 0  # for the whole prompt
+        phase.final_tokens = None
     return logits

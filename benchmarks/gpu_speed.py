@@ -218,14 +218,15 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
     new_v = torch.randn_like(new_k)
     counters = torch.zeros(bsz * heads, dtype=torch.int32, device=dev)
 
-    def fused(store: RaggedKV) -> Callable[[], None]:
+    def fused(store: RaggedKV) -> Callable[[], torch.Tensor]:
         width = store.max_length() + 1
 
-        def call() -> None:
-            fused_ops.decode_(
+        def call() -> torch.Tensor:
+            out = fused_ops.decode_(
                 q, new_k, new_v, store.keys, store.values, store.start, store.length, counters, scaling, None, width
             )
             store.length.sub_(1)
+            return out
 
         return call
 
@@ -240,32 +241,17 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
 
         return call
 
-    # correctness first: one fused step against the unfused one on the same store
+    fused_calls, unfused_calls = [fused(s) for s in stores], [unfused(s) for s in stores]
+    # correctness first: one fused step against the reference over the same store, the new row included
     store = stores[0]
-    got = fused_ops.decode_(
-        q,
-        new_k,
-        new_v,
-        store.keys,
-        store.values,
-        store.start,
-        store.length,
-        counters,
-        scaling,
-        None,
-        store.max_length() + 1,
-    )
-    want = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling)
-    store.length.sub_(1)
+    got = fused_calls[0]()
+    want = reference.ragged_attention(q, store.keys, store.values, store.start, store.length + 1, scaling)
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-    t_fused = timed([fused(s) for s in stores], dev, args.repeats, args.calls)
-    t_unfused = timed([unfused(s) for s in stores], dev, args.repeats, args.calls)
-    g_fused, why_f = (
-        graph_timed([fused(s) for s in stores], args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
-    )
-    g_unfused, why_u = (
-        graph_timed([unfused(s) for s in stores], args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
-    )
+    t_fused = timed(fused_calls, dev, args.repeats, args.calls)
+    t_unfused = timed(unfused_calls, dev, args.repeats, args.calls)
+    cuda = dev == "cuda"
+    g_fused, why_f = graph_timed(fused_calls, args.repeats, args.calls) if cuda else (None, "not CUDA")
+    g_unfused, why_u = graph_timed(unfused_calls, args.repeats, args.calls) if cuda else (None, "not CUDA")
     return {
         "fused_s": t_fused,
         "unfused_s": t_unfused,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import attend_tile
+from .triton_softmax import attend_tile, split_partials
 
 # Triton's CPU interpreter computes half-precision dots wrongly; it gets the exact fp32 path instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -163,9 +163,7 @@ def ragged_attention(
     if single:  # no partials: the kernel writes `out` (the scratch pointers are unused)
         acc = m = l = out
     else:
-        parts = n_seg * n_splits * n_rows  # one scratch allocation (each costs host time per decoded token)
-        scratch = _alloc(parts * (dim + 2), dtype=torch.float32, device=q.device)
-        acc, m, l = scratch[: parts * dim], scratch[parts * dim : parts * (dim + 1)], scratch[parts * (dim + 1) :]
+        acc, m, l = split_partials(_alloc, n_seg * n_splits * n_rows, dim, q.device)
     has_hidden = hidden is not None
     hidden_arg = hidden.to(torch.int64).contiguous() if has_hidden else start  # unused pointer when absent
     _ragged_attention_kernel[(n_seg, row_blocks, n_splits)](

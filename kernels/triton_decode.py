@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import attend_tile, log2_logits
+from .triton_softmax import attend_tile, log2_logits, split_partials
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # its half-precision dots are wrong: exact fp32 instead
 _alloc = torch.empty  # scratch allocation; tests swap in a NaN-filled one to catch unwritten elements
@@ -211,9 +211,7 @@ def _launch(q, new_k, new_v, k_buf, v_buf, start, length, counters, scaling, sof
     if single:
         acc = m = l = out  # unused pointers
     else:
-        parts = n_seg * n_splits * group
-        scratch = _alloc(parts * (dim + 2), dtype=torch.float32, device=q.device)
-        acc, m, l = scratch[: parts * dim], scratch[parts * dim : parts * (dim + 1)], scratch[parts * (dim + 1) :]
+        acc, m, l = split_partials(_alloc, n_seg * n_splits * group, dim, q.device)
     _decode_kernel[(n_seg, n_splits)](
         q,
         new_k,

@@ -6,6 +6,9 @@ times log2(e)), so partial results merged elsewhere (split-K) must merge with ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import triton
 import triton.language as tl
 
@@ -54,3 +57,11 @@ def attend_tile(
     else:
         pv = tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc * alpha[:, None] + pv
+
+
+def split_partials(alloc: Callable[..., torch.Tensor], parts: int, dim: int, device: torch.device):
+    """Scratch for ``parts`` split-K partial rows: ``(acc [parts * dim], m [parts], l [parts])``, fp32, carved from
+    one ``alloc`` call (each allocation costs host time per decoded token). ``alloc``: the calling kernel module's
+    allocator (tests swap in a NaN-filled one)."""
+    scratch = alloc(parts * (dim + 2), dtype=torch.float32, device=device)
+    return scratch[: parts * dim], scratch[parts * dim : parts * (dim + 1)], scratch[parts * (dim + 1) :]

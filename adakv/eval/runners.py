@@ -71,7 +71,7 @@ def _context_scorer_class() -> type | None:
     return getattr(scorers, "ContextScorer", None)
 
 
-def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True, hold_final: bool = True) -> Prefill:
+def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True, hold_final: bool = False) -> Prefill:
     """How the harness fills a cache it builds live: :func:`adakv.compress_context` when the cache's scorer needs
     extra passes over the context (a ContextScorer such as KVzip; no logits come back), a chunked prefill when
     ``chunk_size`` is given (with ``lookahead`` and ``hold_final``, see :func:`adakv.prefill_in_chunks`), else
