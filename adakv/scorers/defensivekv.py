@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import ScoreInputs, Scorer, window_attention
 from .criticalkv import value_perturbation
+from .pooling import pool_positions
 
 
 class DefensiveKV(Scorer):
@@ -19,13 +19,17 @@ class DefensiveKV(Scorer):
     window) restricted to the n = L - w prefix tokens:
 
     1. each query row (per query head g and window query i) is average-pooled
-       along j (kernel 5, zero padding) and rescaled to its original mass:
+       along the token positions j (kernel 5, zero padding) and rescaled to its original mass:
        P_ij = pool(A_i)_j * sum_j A_ij / sum_j pool(A_i)_j;
     2. worst case instead of mean: r_j = max over g and i of P_ij;
     3. prior correction: r_j <- max(r_j, mean_j r_j) (mean over the real prefix tokens);
     4. value term: N_hj = (1/G) sum_g ||v_j W_O^(g)||_1, normalized across the KV heads
        of the layer per token, Ñ_hj = N_hj / sum_h' N_h'j;
     5. s_hj = r_hj * Ñ_hj.
+
+    Once earlier evictions have left gaps (a later prompt chunk, a decode-time rescoring), the pooling of
+    step 1 is still over positions and the sum of step 4 over the heads that hold token j (matched by
+    position), not over columns: the official code only scores a contiguous prompt.
 
     Allocation is Ada-KV (the ``defensivekv`` preset), or one budget across layers
     (``layer-defensivekv``). The official code additionally force-keeps the tokens
@@ -44,29 +48,36 @@ class DefensiveKV(Scorer):
         self.kernel_size = kernel_size
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
-        risk = defensive_aggregation(window_attention(inputs), inputs.valid, self.kernel_size)
+        risk = defensive_aggregation(window_attention(inputs), inputs.valid, self.kernel_size, inputs.positions)
         return risk * head_share_of_value(inputs)
 
 
-def defensive_aggregation(attn: torch.Tensor, valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]`` -> risk
-    ``[B, H, L]``."""
+def defensive_aggregation(
+    attn: torch.Tensor, valid: torch.Tensor, kernel_size: int, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]``, the
+    tokens' ``positions`` ``[B, H, L]`` (None: contiguous) -> risk ``[B, H, L]``."""
     seq, w = attn.shape[-1], attn.shape[-2]
     prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
     prefix[seq - w :] = False
     attn = attn * prefix  # window columns are not scored (they are kept anyway)
-    risk = pool_rows(attn, prefix, kernel_size).amax(dim=(2, 3))  # worst case over the group and the window queries
+    # worst case over the group and the window queries
+    risk = pool_rows(attn, prefix, kernel_size, positions).amax(dim=(2, 3))
     return floor_at_mean(risk, valid & prefix)
 
 
-def pool_rows(attn: torch.Tensor, keep: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Step 1: each attention row ``[..., L]`` (zero outside ``keep``) average-pooled along L (zero padding), zeroed
-    outside ``keep`` again and rescaled to the row's original mass."""
+def pool_rows(
+    attn: torch.Tensor, keep: torch.Tensor, kernel_size: int, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Step 1: each attention row ``[B, H, G, w, L]`` (zero outside ``keep``) average-pooled over token positions
+    (zero padding; ``positions`` ``[B, H, L]``, None: contiguous), zeroed outside ``keep`` again and rescaled to
+    the row's original mass."""
     mass = attn.sum(-1, keepdim=True)
-    pooled = F.avg_pool1d(
-        attn.reshape(-1, 1, attn.shape[-1]), kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True
-    )
-    pooled = pooled.reshape(attn.shape).masked_fill(~keep, 0.0)
+    if positions is None:
+        positions = torch.arange(attn.shape[-1], device=attn.device)
+    else:
+        positions = positions[:, :, None, None, :]
+    pooled = pool_positions(attn, positions, kernel_size, "avg").masked_fill(~keep, 0.0)
     return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
 
 
@@ -77,6 +88,15 @@ def floor_at_mean(risk: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def head_share_of_value(inputs: ScoreInputs) -> torch.Tensor:
-    """Step 4: the value term N_hj normalized across the layer's KV heads, N_hj / sum_h' N_h'j ``[B, H, L]``."""
+    """Step 4: the value term N_hj normalized across the layer's KV heads, N_hj / sum_h' N_h'j ``[B, H, L]``.
+
+    The sum runs over the heads that hold token j, matched by position: after a first prompt chunk (or a
+    decode-time rescoring) each head holds different tokens, so column j of one head is not token j of
+    another. On a one-shot prompt every head holds every token and this is the paper's sum over heads."""
     value = value_perturbation(inputs)
-    return value / value.sum(1, keepdim=True).clamp_min(1e-30)
+    bsz = value.shape[0]
+    real = inputs.valid & (inputs.positions >= 0)
+    index = inputs.positions.clamp(min=0).reshape(bsz, -1)
+    width = int(index.max()) + 1 if index.numel() else 1
+    total = value.new_zeros(bsz, width).scatter_add_(-1, index, (value * real).reshape(bsz, -1))
+    return value / total.gather(-1, index).reshape(value.shape).clamp_min(1e-30)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import ScoreInputs, Scorer, window_attention
+from .pooling import pool_positions
 
 
 class SnapKV(Scorer):
@@ -21,6 +21,9 @@ class SnapKV(Scorer):
 
     where pool_k is a stride-1 1-D max- (default, kernel 7) or average-pool
     (kernel 5 in the paper) over positions outside the window, zero-padded.
+    The pooling window is one of token positions (:func:`~adakv.scorers.pooling.pool_positions`): the same
+    as the paper's on a contiguous prompt, and still positions once earlier evictions have left gaps (a
+    later prompt chunk, a decode-time rescoring), where the official code would pool across the gaps.
 
     Args:
         pooling: ``"max"`` or ``"avg"``.
@@ -45,20 +48,19 @@ class SnapKV(Scorer):
         attn = window_attention(inputs)  # [B, H, G, w, L]
         scores = attn.mean(3)
         scores = scores.mean(2) if self.gqa == "mean" else scores.amax(2)  # [B, H, L]
-        return pool_outside_window(scores, attn.shape[3], self.pooling, self.kernel_size)
+        return pool_outside_window(scores, attn.shape[3], self.pooling, self.kernel_size, inputs.positions)
 
 
-def pool_outside_window(scores: torch.Tensor, window: int, pooling: str, kernel_size: int) -> torch.Tensor:
-    """Stride-1 pooling along positions, as if the window tokens were cut off (zeros there)."""
+def pool_outside_window(
+    scores: torch.Tensor, window: int, pooling: str, kernel_size: int, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stride-1 pooling of ``scores`` ``[B, H, L]`` over token positions (``positions`` ``[B, H, L]``; None:
+    contiguous), as if the last ``window`` columns were cut off (zeros there)."""
     if kernel_size == 1:
         return scores
-    bsz, heads, seq = scores.shape
+    seq = scores.shape[-1]
     outside = scores.clone()
     outside[..., max(seq - window, 0) :] = 0.0
-    flat = outside.reshape(bsz * heads, 1, seq)
-    pad = kernel_size // 2
-    if pooling == "max":
-        pooled = F.max_pool1d(F.pad(flat, (pad, pad)), kernel_size, stride=1)  # zero padding
-    else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=True)
-    return pooled.reshape(bsz, heads, seq)
+    if positions is None:
+        positions = torch.arange(seq, device=scores.device)
+    return pool_positions(outside, positions, kernel_size, pooling)
