@@ -50,11 +50,6 @@ METHODS: dict[str, Method] = {
     "kvzip+": Method(
         lambda: KVzip(normalize=True), LayerAdaptive, "KVzip+ (kvpress / KVzap, arXiv:2601.07891): ||W_O v|| / ||h||"
     ),
-    "kvzip+span": Method(
-        lambda: KVzip(normalize=True, span=3),
-        LayerAdaptive,
-        "KVzip+ with its scores max-pooled over 3 positions (adakv's variant, arXiv:2505.23416)",
-    ),
     "kvzip-defensive": Method(
         lambda: KVzip(defensive=True),
         LayerAdaptive,

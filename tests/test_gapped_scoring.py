@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adakv.scorers import TOVA, CriticalKV, DefensiveKV, KeyNorm, ScoreInputs, SnapKV, StagedScores, StreamingLLM
+from adakv.scorers.criticalkv import value_perturbation
+from adakv.scorers.defensivekv import head_share_of_value
 from adakv.scorers.pooling import pool_positions
 
 pytestmark = pytest.mark.fast
@@ -128,3 +130,15 @@ def test_scores_follow_tokens_not_columns(name):
     for x, y in pairs:
         for h, pos in enumerate(held):
             torch.testing.assert_close(y[0, h, y.shape[-1] - len(pos) :], x[0, h, pos], msg=f"{name} head {h}")
+
+
+def test_value_share_of_a_token_other_heads_evicted_is_estimated_not_inflated():
+    """Two KV heads; head 1 evicted position 1. Head 0's share of position 1 is N / (2 * N) = 1/2 (the missing
+    head estimated by the mean of the holders), not 1 (which would rank the token higher for having been
+    evicted elsewhere); position 0, held by both, keeps the paper's N_0 / (N_0 + N_1)."""
+    held = [[0, 1, 2, 3], [0, 2, 3]]
+    _, gapped = dense_and_gapped(held, 4, 2, group=1, dim=4)
+    share = head_share_of_value(gapped)
+    n = value_perturbation(gapped)
+    torch.testing.assert_close(share[0, 0, 1], torch.tensor(0.5))
+    torch.testing.assert_close(share[0, 0, 0], n[0, 0, 0] / (n[0, 0, 0] + n[0, 1, 1]))  # head 1: pad, then 0

@@ -202,23 +202,3 @@ def test_score_once_settle_many_budgets(method):
             settle_context(model, settled)
     with pytest.raises(ValueError, match="score_context runs a ContextScorer's passes"):
         score_context(model, AdaKVCache(model, 0.5), ids, attention_mask=mask, tokenizer=tok)
-
-
-def test_span_max_pools_the_final_scores_over_positions():
-    """``span=3``: a token scores as high as its best neighbour one position away; across a gap (an evicted
-    position) nothing is pooled; the sinks stay +inf; ``span=1`` leaves the scores as they are."""
-    from adakv.scorers import ScoreInputs
-
-    positions = torch.tensor([[[0, 1, 10, 11, 12, 14, 15, 16]]])
-    scores = torch.tensor([[[0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 7.0]]])
-    q = torch.zeros(1, 1, 1, 2)
-    kv = torch.zeros(1, 1, 8, 2)
-    inputs = ScoreInputs(
-        q, kv, kv, torch.ones(1, 8, dtype=torch.bool), 1, 1.0, None, torch.nn.Identity(), positions=positions
-    )
-    inf = float("inf")
-    out = KVzip(span=3).finalize(scores, inputs)
-    assert out.tolist() == [[[inf, inf, 5.0, 5.0, 5.0, 0.0, 7.0, 7.0]]]  # 12 -> 14 is a gap: 14 gets nothing
-    assert KVzip().finalize(scores, inputs).tolist() == [[[inf, inf, 0.0, 5.0, 0.0, 0.0, 0.0, 7.0]]]
-    with pytest.raises(ValueError, match="span"):
-        KVzip(span=2)

@@ -28,8 +28,9 @@ class DefensiveKV(Scorer):
     5. s_hj = r_hj * Ñ_hj.
 
     Once earlier evictions have left gaps (a later prompt chunk, a decode-time rescoring), the pooling of
-    step 1 is still over positions and the sum of step 4 over the heads that hold token j (matched by
-    position), not over columns: the official code only scores a contiguous prompt.
+    step 1 is still over positions and the sum of step 4 is over token j's heads (matched by position; the
+    heads that evicted it estimated by the mean of those that hold it), not over columns: the official code
+    only scores a contiguous prompt.
 
     Allocation is Ada-KV (the ``defensivekv`` preset), or one budget across layers
     (``layer-defensivekv``). The official code additionally force-keeps the tokens
@@ -90,13 +91,18 @@ def floor_at_mean(risk: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 def head_share_of_value(inputs: ScoreInputs) -> torch.Tensor:
     """Step 4: the value term N_hj normalized across the layer's KV heads, N_hj / sum_h' N_h'j ``[B, H, L]``.
 
-    The sum runs over the heads that hold token j, matched by position: after a first prompt chunk (or a
-    decode-time rescoring) each head holds different tokens, so column j of one head is not token j of
-    another. On a one-shot prompt every head holds every token and this is the paper's sum over heads."""
+    Token j is matched across heads by position: after a first prompt chunk (or a decode-time rescoring) each
+    head holds different tokens, so column j of one head is not token j of another. The heads that evicted j
+    no longer have its value; the sum over all H heads is estimated as H times the mean over the S_j heads that
+    hold it, (H / |S_j|) sum_{h' in S_j} N_h'j. Summing over S_j alone would give a token that other heads
+    evicted a larger share (1 when one head holds it) and so a higher score for having been evicted elsewhere.
+    On a one-shot prompt every head holds every token and this is the paper's sum."""
     value = value_perturbation(inputs)
-    bsz = value.shape[0]
-    real = inputs.valid & (inputs.positions >= 0)
+    bsz, heads = value.shape[:2]
+    real = (inputs.valid & (inputs.positions >= 0)).to(value.dtype)
     index = inputs.positions.clamp(min=0).reshape(bsz, -1)
     width = int(index.max()) + 1 if index.numel() else 1
     total = value.new_zeros(bsz, width).scatter_add_(-1, index, (value * real).reshape(bsz, -1))
-    return value / total.gather(-1, index).reshape(value.shape).clamp_min(1e-30)
+    holders = value.new_zeros(bsz, width).scatter_add_(-1, index, real.reshape(bsz, -1))
+    estimate = total * heads / holders.clamp_min(1.0)
+    return value / estimate.gather(-1, index).reshape(value.shape).clamp_min(1e-30)

@@ -6,7 +6,6 @@ import torch
 
 from .base import ContextScorer, PassAttention, ScoreInputs, ScoringPass
 from .defensivekv import floor_at_mean, head_share_of_value, pool_rows
-from .pooling import pool_positions
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -46,10 +45,6 @@ class KVzip(ContextScorer):
     at least their mean over the context (prior correction), and multiplied by the value term N_hj / sum_h' N_h'j
     (N_hj = mean over the group of ||v_j W_O^(g)||_1).
 
-    ``span`` > 1 (tried here, not in the paper) max-pools the final scores over ``span`` token positions, as
-    SnapKV pools its scores: a multi-token span (a 7-digit number is 7 tokens on Llama-style tokenizers) is
-    kept whole when one of its tokens scores high.
-
     Deviations: the official code keeps its whole system prompt, kvpress the first 4 tokens; here
     ``sinks`` (4) tokens, and the cache's observation window (its last ``window`` tokens) is kept too.
     The softmax runs in fp32 (the official code in the model's dtype). Pass prompts are tokenized
@@ -70,13 +65,10 @@ class KVzip(ContextScorer):
         overlap: int = 8,
         normalize: bool = False,
         defensive: bool = False,
-        span: int = 1,
     ):
         for label, value, low in (("chunk_size", chunk_size, 1), ("sinks", sinks, 0), ("overlap", overlap, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"KVzip {label} must be an int >= {low}, got {value!r}.")
-        if isinstance(span, bool) or not isinstance(span, int) or span < 1 or span % 2 == 0:
-            raise ValueError(f"KVzip span must be an odd int >= 1, got {span!r}.")
         for label, flag in (("normalize", normalize), ("defensive", defensive)):
             if not isinstance(flag, bool):
                 raise TypeError(f"KVzip {label} must be True or False, got {flag!r}.")
@@ -85,7 +77,6 @@ class KVzip(ContextScorer):
         self.overlap = overlap
         self.normalize = normalize
         self.defensive = defensive
-        self.span = span
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -187,8 +178,6 @@ class KVzip(ContextScorer):
         return squared.clamp_min(0).sqrt()
 
     def finalize(self, scores: torch.Tensor, inputs: ScoreInputs) -> torch.Tensor:
-        if self.span > 1:  # a token scores as high as its best neighbour (by position) within span // 2
-            scores = pool_positions(scores, inputs.positions, self.span, "max")
         if self.defensive:
             scores = floor_at_mean(scores, inputs.valid) * head_share_of_value(inputs)
         sink = (inputs.positions >= 0) & (inputs.positions < self.sinks)
