@@ -17,6 +17,7 @@ import torch
 from adakv import AdaKVCache, prefill_in_chunks
 from adakv.eval.cli import load_model
 from adakv.eval.tasks import encode_sample, make_samples
+from adakv.layer import AdaKVLayer
 from adakv.methods import get_method
 from adakv.scorers import DefensiveKV
 from adakv.scorers.base import window_attention
@@ -32,8 +33,8 @@ class DefensiveWithout(DefensiveKV):
 
     def __call__(self, inputs):
         attn = window_attention(inputs)
-        if self.without == "floor":  # steps 1-2 only: a floor of 0 leaves the risk as it is
-            risk = defensive_aggregation(attn, inputs.valid & False, self.kernel_size, inputs.positions)
+        if self.without == "floor":  # no real token to average over: the floor is 0, the risk stays as it is
+            risk = defensive_aggregation(attn, torch.zeros_like(inputs.valid), self.kernel_size, inputs.positions)
         else:
             risk = defensive_aggregation(attn, inputs.valid, self.kernel_size, inputs.positions)
         return risk if self.without == "value" else risk * head_share_of_value(inputs)
@@ -79,7 +80,7 @@ def main() -> None:
                     prefill_in_chunks(model, cache, ids, args.chunk, hold_final=mode.endswith("hold_final"))
             held, segments = [], 0
             for layer in cache.layers:
-                if not hasattr(layer, "_positions"):
+                if not isinstance(layer, AdaKVLayer):
                     continue  # a stock (sliding-window) layer
                 pos = layer._positions(view=False)[0]  # [H, M]
                 segments += pos.shape[0]

@@ -74,10 +74,8 @@ def pool_rows(
     (zero padding; ``positions`` ``[B, H, L]``, None: contiguous), zeroed outside ``keep`` again and rescaled to
     the row's original mass."""
     mass = attn.sum(-1, keepdim=True)
-    if positions is None:
-        positions = torch.arange(attn.shape[-1], device=attn.device)
-    else:
-        positions = positions[:, :, None, None, :]
+    if positions is not None:
+        positions = positions[:, :, None, None, :]  # one position per key column, for every query row
     pooled = pool_positions(attn, positions, kernel_size, "avg").masked_fill(~keep, 0.0)
     return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def pool_positions(x: torch.Tensor, positions: torch.Tensor, kernel_size: int, mode: str) -> torch.Tensor:
+def pool_positions(x: torch.Tensor, positions: torch.Tensor | None, kernel_size: int, mode: str) -> torch.Tensor:
     """Pool ``x`` ``[..., L]`` along its last axis over a window of ``kernel_size`` token positions.
 
     SnapKV and DefensiveKV pool a token's score with its neighbours' so that a whole span (a multi-token number)
@@ -19,7 +19,8 @@ def pool_positions(x: torch.Tensor, positions: torch.Tensor, kernel_size: int, m
     ``avg_pool1d`` / ``max_pool1d`` with zero padding.
 
     ``positions``: int ``[..., L]`` broadcastable to ``x``, increasing along L over the real tokens, < 0 at
-    padding (padding columns neither gather nor are gathered: they come out 0). ``mode``: ``"avg"`` or ``"max"``.
+    padding (padding columns neither gather nor are gathered: they come out 0); None: contiguous.
+    ``mode``: ``"avg"`` or ``"max"``.
     """
     if mode not in ("avg", "max"):
         raise ValueError(f"pooling mode must be 'avg' or 'max', got {mode!r}.")
@@ -27,6 +28,8 @@ def pool_positions(x: torch.Tensor, positions: torch.Tensor, kernel_size: int, m
     if radius == 0:
         return x
     seq = x.shape[-1]
+    if positions is None:
+        positions = torch.arange(seq, device=x.device)
     # positions increase along the columns, so a neighbour within `radius` positions is within `radius` columns
     pos = F.pad(positions, (radius, radius), value=-(1 << 40))
     val = F.pad(x, (radius, radius))

@@ -61,6 +61,4 @@ def pool_outside_window(
     seq = scores.shape[-1]
     outside = scores.clone()
     outside[..., max(seq - window, 0) :] = 0.0
-    if positions is None:
-        positions = torch.arange(seq, device=scores.device)
     return pool_positions(outside, positions, kernel_size, pooling)
