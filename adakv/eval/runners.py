@@ -31,6 +31,7 @@ from ..cache import AdaKVCache, kv_bytes
 from ..critiprefill import CritiPrefill, sparse_prefill
 from ..methods import get_method
 from ..replay import PrefillRecord, record_prefill, replay
+from ..scorers.base import ContextScorer
 from .metrics import (
     Prefill,
     compare_logprobs,
@@ -65,12 +66,6 @@ def chunked_prefill(chunk_size: int, lookahead: bool = True, hold_final: bool = 
     return prefill
 
 
-def _context_scorer_class() -> type | None:
-    from .. import scorers
-
-    return getattr(scorers, "ContextScorer", None)
-
-
 def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True, hold_final: bool = False) -> Prefill:
     """How the harness fills a cache it builds live: :func:`adakv.compress_context` when the cache's scorer needs
     extra passes over the context (a ContextScorer such as KVzip; no logits come back), a chunked prefill when
@@ -81,12 +76,11 @@ def auto_prefill(tok: Any, chunk_size: int | None = None, lookahead: bool = True
     policy, and each budget settles a copy of it (:func:`adakv.score_context` / :func:`adakv.settle_context`,
     the same result as compressing from scratch)."""
     chunked = chunked_prefill(chunk_size, lookahead, hold_final) if chunk_size else forward_prefill
-    context_scorer = _context_scorer_class()
     scored: dict[tuple, Any] = {}
 
     def prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor | None:
         scorer = getattr(getattr(cache, "selection", None), "scorer", None)
-        if context_scorer is not None and isinstance(scorer, context_scorer):
+        if isinstance(scorer, ContextScorer):
             from ..context import score_context, settle_context
 
             key = (_policy_key(cache), chunk_size, tuple(ids.shape), ids.cpu().numpy().tobytes())
@@ -122,8 +116,7 @@ def _policy_key(cache: AdaKVCache) -> tuple:
 
 
 def _needs_context_pass(method: str) -> bool:
-    context_scorer = _context_scorer_class()
-    return context_scorer is not None and isinstance(get_method(method)[0], context_scorer)
+    return isinstance(get_method(method)[0], ContextScorer)
 
 
 @dataclass
