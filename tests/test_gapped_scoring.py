@@ -142,3 +142,36 @@ def test_value_share_of_a_token_other_heads_evicted_is_estimated_not_inflated():
     n = value_perturbation(gapped)
     torch.testing.assert_close(share[0, 0, 1], torch.tensor(0.5))
     torch.testing.assert_close(share[0, 0, 0], n[0, 0, 0] / (n[0, 0, 0] + n[0, 1, 1]))  # head 1: pad, then 0
+
+
+def test_defensive_floor_is_a_mean_over_the_tokens_seen():
+    """After evictions the prior correction's mean is over every prefix token seen (evicted ones count 0):
+    sum of the held tokens' risk / n_seen, per head. ``floor_mean="held"`` divides by the held tokens instead.
+    On a contiguous prompt the two are the same scores."""
+    from adakv.scorers.base import window_attention
+    from adakv.scorers.defensivekv import defensive_aggregation
+
+    length, window = 30, 4
+    held = [list(range(length)), [p for p in range(length) if p % 2 == 0 or p >= length - window]]
+    _, gapped = dense_and_gapped(held, length, window, seed=3)
+    attn = window_attention(gapped)
+    raw = defensive_aggregation(attn, torch.zeros_like(gapped.valid), 5, gapped.positions)  # no floor (mean 0)
+    width = gapped.keys.shape[2]
+    prefix = gapped.valid.clone()
+    prefix[..., width - window :] = False
+    for floor_mean, over_seen in (("seen", True), ("held", False)):
+        risk = defensive_aggregation(attn, gapped.valid, 5, gapped.positions, over_seen)
+        for h in range(2):
+            n = length - window if over_seen else int(prefix[0, h].sum())
+            mean = raw[0, h][prefix[0, h]].sum() / n
+            expected = torch.maximum(raw[0, h], mean)[prefix[0, h]]
+            torch.testing.assert_close(risk[0, h][prefix[0, h]], expected, msg=f"{floor_mean} head {h}")
+    # head 1 holds 15 of the 26 prefix tokens: its floor differs between the two
+    assert not torch.equal(
+        defensive_aggregation(attn, gapped.valid, 5, gapped.positions, True)[0, 1],
+        defensive_aggregation(attn, gapped.valid, 5, gapped.positions, False)[0, 1],
+    )
+    dense, _ = dense_and_gapped([list(range(length))] * 2, length, window, seed=4)
+    torch.testing.assert_close(DefensiveKV(floor_mean="seen")(dense), DefensiveKV(floor_mean="held")(dense))
+    with pytest.raises(ValueError, match="floor_mean"):
+        DefensiveKV(floor_mean="all")

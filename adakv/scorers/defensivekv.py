@@ -30,7 +30,12 @@ class DefensiveKV(Scorer):
     Once earlier evictions have left gaps (a later prompt chunk, a decode-time rescoring), the pooling of
     step 1 is still over positions and the sum of step 4 is over token j's heads (matched by position; the
     heads that evicted it estimated by the mean of those that hold it), not over columns: the official code
-    only scores a contiguous prompt.
+    only scores a contiguous prompt. The mean of step 3 is then, by default (``floor_mean="seen"``), over
+    every prefix token the sequence has *seen*, the evicted ones counted with risk 0: sum_{j held} r_j / n_seen.
+    The window's attention that evicted tokens would have drawn now falls on the held ones, so this sum
+    stands in for the one-shot sum over all tokens; a mean over the held tokens alone (``floor_mean="held"``)
+    is raised by the survivors of earlier cuts and puts most candidates of a later cut on the floor, where
+    only the scale-free step 4 ranks them. On a one-shot prompt both are the paper's mean.
 
     Allocation is Ada-KV (the ``defensivekv`` preset), or one budget across layers
     (``layer-defensivekv``). The official code additionally force-keeps the tokens
@@ -39,32 +44,46 @@ class DefensiveKV(Scorer):
 
     Args:
         kernel_size: width of the row-wise average pooling (odd, >= 1).
+        floor_mean: ``"seen"`` (default) or ``"held"``: what the prior correction's mean divides by once
+            tokens were evicted (above); the same on a one-shot prompt.
     """
 
     name = "defensivekv"
 
-    def __init__(self, kernel_size: int = 5):
+    def __init__(self, kernel_size: int = 5, floor_mean: str = "seen"):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"DefensiveKV kernel_size must be an odd int >= 1, got {kernel_size!r}.")
-        self.kernel_size = kernel_size
+        if floor_mean not in ("seen", "held"):
+            raise ValueError(f"DefensiveKV floor_mean must be 'seen' or 'held', got {floor_mean!r}.")
+        self.kernel_size, self.floor_mean = kernel_size, floor_mean
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
-        risk = defensive_aggregation(window_attention(inputs), inputs.valid, self.kernel_size, inputs.positions)
+        risk = defensive_aggregation(
+            window_attention(inputs), inputs.valid, self.kernel_size, inputs.positions, self.floor_mean == "seen"
+        )
         return risk * head_share_of_value(inputs)
 
 
 def defensive_aggregation(
-    attn: torch.Tensor, valid: torch.Tensor, kernel_size: int, positions: torch.Tensor | None = None
+    attn: torch.Tensor,
+    valid: torch.Tensor,
+    kernel_size: int,
+    positions: torch.Tensor | None = None,
+    over_seen: bool = True,
 ) -> torch.Tensor:
     """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]``, the
-    tokens' ``positions`` ``[B, H, L]`` (None: contiguous) -> risk ``[B, H, L]``."""
+    tokens' ``positions`` ``[B, H, L]`` (None: contiguous) -> risk ``[B, H, L]``. ``over_seen``: the floor's mean
+    divides by the prefix tokens seen (the first window token's position), not only by those held."""
     seq, w = attn.shape[-1], attn.shape[-2]
     prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
     prefix[seq - w :] = False
     attn = attn * prefix  # window columns are not scored (they are kept anyway)
     # worst case over the group and the window queries
     risk = pool_rows(attn, prefix, kernel_size, positions).amax(dim=(2, 3))
-    return floor_at_mean(risk, valid & prefix)
+    seen = None
+    if over_seen and positions is not None and w < seq:
+        seen = positions[:, :, seq - w : seq - w + 1]  # tokens before the window: its first token's position
+    return floor_at_mean(risk, valid & prefix, seen)
 
 
 def pool_rows(
@@ -80,9 +99,14 @@ def pool_rows(
     return pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
 
 
-def floor_at_mean(risk: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Step 3, the prior correction: ``risk`` ``[B, H, L]`` raised to its per-head mean over the ``real`` tokens."""
-    mean = (risk * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1)
+def floor_at_mean(risk: torch.Tensor, real: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3, the prior correction: ``risk`` ``[B, H, L]`` raised to its per-head mean over the ``real`` tokens;
+    ``seen`` ``[B, H, 1]`` (optional): how many tokens the mean is over when more were seen than are held (the
+    evicted ones count as 0; never fewer than the held ones)."""
+    count = real.sum(-1, keepdim=True)
+    if seen is not None:
+        count = torch.maximum(count, seen.to(count.dtype))
+    mean = (risk * real).sum(-1, keepdim=True) / count.clamp_min(1)
     return torch.maximum(risk, mean)
 
 
