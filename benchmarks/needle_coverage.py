@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--floor-mean", choices=["seen", "held"], default="seen", help="DefensiveKV's floor_mean")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if args.without == "floor" and args.floor_mean != "seen":
+        p.error("--floor-mean chooses the floor's mean; with --without floor there is no floor")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, "float32", "cpu")
     samples = make_samples("niah_single", tok, max(args.samples) + 1, args.length, 0, "prose")

@@ -166,12 +166,22 @@ def test_defensive_floor_is_a_mean_over_the_tokens_seen():
             mean = raw[0, h][prefix[0, h]].sum() / n
             expected = torch.maximum(raw[0, h], mean)[prefix[0, h]]
             torch.testing.assert_close(risk[0, h][prefix[0, h]], expected, msg=f"{floor_mean} head {h}")
-    # head 1 holds 15 of the 26 prefix tokens: its floor differs between the two
+    # head 1 holds 13 of the 26 prefix tokens: its floor differs between the two
     assert not torch.equal(
         defensive_aggregation(attn, gapped.valid, 5, gapped.positions, True)[0, 1],
         defensive_aggregation(attn, gapped.valid, 5, gapped.positions, False)[0, 1],
     )
     dense, _ = dense_and_gapped([list(range(length))] * 2, length, window, seed=4)
     torch.testing.assert_close(DefensiveKV(floor_mean="seen")(dense), DefensiveKV(floor_mean="held")(dense))
+    # a left-padded batch, one row shorter than the window (its window columns are padding, position -1):
+    # the same scores either way on a contiguous prompt
+    gen = torch.Generator().manual_seed(5)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[0, :9] = False
+    valid[1, : length - 3] = False
+    keys, values = torch.randn(2, 2, length, 8, generator=gen), torch.randn(2, 2, length, 8, generator=gen)
+    queries = torch.randn(2, 4, window, 8, generator=gen)
+    padded = ScoreInputs(queries, keys, values, valid, window, 8**-0.5, None, dense.module)
+    torch.testing.assert_close(DefensiveKV(floor_mean="seen")(padded), DefensiveKV(floor_mean="held")(padded))
     with pytest.raises(ValueError, match="floor_mean"):
         DefensiveKV(floor_mean="all")
