@@ -1,7 +1,7 @@
 """Which KV heads still hold a needle's tokens after the prompt: one shot vs chunked vs chunked with hold_final.
 
     python benchmarks/needle_coverage.py --samples 0 4 [--method defensivekv] [--length 4000] [--chunk 512]
-        [--budget 0.2] [--without floor|value] [--floor-mean seen|held]
+        [--budget 0.2] [--without floor|value] [--floor-mean held|seen]
 
 For each niah_single sample (the harness's, seed 0, question-aware prompt) and each way of filling the cache,
 prints how many (layer, KV head) segments hold each token of the needle's value, and how many layers lost a
@@ -27,7 +27,7 @@ from adakv.scorers.defensivekv import defensive_aggregation, head_share_of_value
 class DefensiveWithout(DefensiveKV):
     """DefensiveKV with one step left out: ``"floor"`` (the prior correction) or ``"value"`` (the value term)."""
 
-    def __init__(self, without: str | None, floor_mean: str = "seen"):
+    def __init__(self, without: str | None, floor_mean: str = "held"):
         super().__init__(floor_mean=floor_mean)
         self.without = without
 
@@ -59,10 +59,10 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--method", default="defensivekv")
     p.add_argument("--without", choices=["floor", "value"], default=None, help="DefensiveKV minus one step")
-    p.add_argument("--floor-mean", choices=["seen", "held"], default="seen", help="DefensiveKV's floor_mean")
+    p.add_argument("--floor-mean", choices=["held", "seen"], default="held", help="DefensiveKV's floor_mean")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    if args.without == "floor" and args.floor_mean != "seen":
+    if args.without == "floor" and args.floor_mean != "held":
         p.error("--floor-mean chooses the floor's mean; with --without floor there is no floor")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, "float32", "cpu")
@@ -72,7 +72,7 @@ def main() -> None:
         answer = samples[i].answers[0]
         needle = needle_tokens(tok, ids, answer)
         for mode in ("one shot", "chunked", "chunked, hold_final"):
-            if args.without or args.floor_mean != "seen":
+            if args.without or args.floor_mean != "held":
                 allocator = get_method(args.method)[1]
                 scorer = DefensiveWithout(args.without, args.floor_mean)
                 cache = AdaKVCache(model, args.budget, scorer=scorer, allocator=allocator)
