@@ -32,13 +32,13 @@ class DefensiveWithout(DefensiveKV):
         self.without = without
 
     def __call__(self, inputs):
+        if self.without is None:
+            return super().__call__(inputs)
         attn = window_attention(inputs)
-        seen = self.floor_mean == "seen"
         if self.without == "floor":  # no real token to average over: the floor is 0, the risk stays as it is
             risk = defensive_aggregation(attn, torch.zeros_like(inputs.valid), self.kernel_size, inputs.positions)
-        else:
-            risk = defensive_aggregation(attn, inputs.valid, self.kernel_size, inputs.positions, seen)
-        return risk if self.without == "value" else risk * head_share_of_value(inputs)
+            return risk * head_share_of_value(inputs)
+        return defensive_aggregation(attn, inputs.valid, self.kernel_size, inputs.positions, self.floor_mean == "seen")
 
 
 def needle_tokens(tok, ids: torch.Tensor, answer: str) -> list[int]:
@@ -64,6 +64,9 @@ def main() -> None:
     args = p.parse_args()
     if args.without == "floor" and args.floor_mean != "held":
         p.error("--floor-mean chooses the floor's mean; with --without floor there is no floor")
+    variant = args.without is not None or args.floor_mean != "held"
+    if variant and not isinstance(get_method(args.method)[0], DefensiveKV):
+        p.error(f"--without / --floor-mean change DefensiveKV's scoring; --method {args.method} does not use it")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, "float32", "cpu")
     samples = make_samples("niah_single", tok, max(args.samples) + 1, args.length, 0, "prose")
@@ -72,7 +75,7 @@ def main() -> None:
         answer = samples[i].answers[0]
         needle = needle_tokens(tok, ids, answer)
         for mode in ("one shot", "chunked", "chunked, hold_final"):
-            if args.without or args.floor_mean != "held":
+            if variant:
                 allocator = get_method(args.method)[1]
                 scorer = DefensiveWithout(args.without, args.floor_mean)
                 cache = AdaKVCache(model, args.budget, scorer=scorer, allocator=allocator)
