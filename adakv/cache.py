@@ -14,7 +14,7 @@ from .decode import DecodePolicy, get_decode_policy
 from .kernels import check_backend, default_backend
 from .layer import AdaKVLayer
 from .methods import get_method
-from .policy import CachePolicy, PrefillAttention, SharedState
+from .policy import CHUNK_SCORES, CachePolicy, PrefillAttention, SharedState
 from .scorers import Scorer, get_scorer
 from .selection import Selection
 
@@ -126,6 +126,10 @@ class AdaKVCache(Cache):
             ``max_new_tokens`` of a generation). Until a segment's reserve is used up, a decode step has fixed
             shapes and no host tensor op, so ``torch.compile(fullgraph=True)`` traces it without a break and a
             CUDA graph can replay it. None: a 16-row slack that grows geometrically (less memory).
+        chunk_scores: how a held token is scored when a later prompt chunk cuts the cache back:
+            ``"latest"`` by the scorer's new scores only, ``"max"`` by the best score it has had at any cut (its
+            new one or the one that kept it last time). With one prompt forward there is one cut and both are
+            the same; a context scorer (KVzip) cuts once too.
 
     A prompt may come in chunks: inside ``with cache.compressing():`` or
     ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after
@@ -147,6 +151,7 @@ class AdaKVCache(Cache):
         backend: str | None = None,
         prefill_attention: PrefillAttention | None = None,
         reserve: int | None = None,
+        chunk_scores: str = "latest",
     ):
         if method is not None:
             if scorer is not None or allocator is not None:
@@ -169,7 +174,9 @@ class AdaKVCache(Cache):
             raise ValueError(
                 f"reserve must be None or an int >= 0 (rows per segment for the tokens to come), got {reserve!r}."
             )
-        policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve)
+        if chunk_scores not in CHUNK_SCORES:
+            raise ValueError(f"chunk_scores must be one of {CHUNK_SCORES}, got {chunk_scores!r}.")
+        policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve, chunk_scores)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
         text_config = config.get_text_config(decoder=True)

@@ -179,4 +179,4 @@ def _settle(cache, layers: list[AdaKVLayer], modules: list[torch.nn.Module]) -> 
     masks = selection.allocator.across_layers([r.ranked for r in rankings], total)
     for (layer, inputs, _), r, mask in zip(ranked, rankings, masks):
         keep = torch.where(r.whole[:, None, None], inputs.valid, mask & inputs.valid)
-        layer.settle_context(inputs, Choice(keep, r.raw, r.ranked))
+        layer.settle_context(inputs, Choice(keep, r.raw, r.ranked, r.scores))

@@ -12,7 +12,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .kernels import backend
 from .scorers import PassAttention, ScoreInputs
-from .selection import Choice, pack_kept
+from .selection import Choice, map_scores, max_scores, pack_kept
 from .storage import MIN_SLACK, RaggedKV, fit_width
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class AdaKVLayer(CacheLayerMixin):
         self.decode_state = None
         self.cascade_scores: torch.Tensor | None = None  # [B, H, rows] scores of held rows (cross-layer only)
         self.context_scores: torch.Tensor | None = None  # [B, H, rows] a context scorer's running scores
+        # the scorer's output for the held rows at the last cut ([B, H, rows] per stage), for chunk_scores="max"
+        self.held_scores = None
 
     @property
     def n_real(self) -> torch.Tensor | None:
@@ -207,8 +209,18 @@ class AdaKVLayer(CacheLayerMixin):
         probe = self._forget_probe()
         if probe:
             self.n_real = self.n_real - probe
+        scores = None
+        if self.held_scores is not None:  # chunk_scores="max": a held token keeps the best score it has had
+            width = k_view.shape[2]
+            earlier = map_scores(lambda t: store.rows_to_view(t, float("-inf"), width), self.held_scores)
+            scores = max_scores(self.policy.selection.scorer(inputs), earlier)
         choice = self.policy.selection.select(
-            inputs, self.n_real, self.shared.cascade, lookahead=probe, n_final=self.shared.phase.final_tokens
+            inputs,
+            self.n_real,
+            self.shared.cascade,
+            scores=scores,
+            lookahead=probe,
+            n_final=self.shared.phase.final_tokens,
         )
         store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
         self._compacted(inputs, choice)
@@ -385,6 +397,9 @@ class AdaKVLayer(CacheLayerMixin):
             self.cascade_scores = pack_kept(choice.ranked, keep) if choice.ranked is not None else None
         if self.policy.decode is not None:
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
+        self.held_scores = None
+        if self.policy.chunk_scores == "max" and choice.scores is not None:
+            self.held_scores = map_scores(lambda t: pack_kept(t.float(), keep), choice.scores)
 
     def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
         """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every
@@ -411,6 +426,10 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos_next = self.n_real.clone()
         if self.cascade_scores is not None:
             self.cascade_scores = pack_kept(self.cascade_scores[..., : keep.shape[-1]], keep)
+        if self.held_scores is not None:  # rows appended since the last cut have no earlier score
+            width = keep.shape[-1]
+            held = lambda t: pack_kept(fit_width(t, width, float("-inf")), keep)  # noqa: E731
+            self.held_scores = map_scores(held, self.held_scores)
 
     def cascade_mark(self, keep: torch.Tensor, settle: bool, factor: int) -> None:
         """The cascade took tokens from this layer: mark them; re-lay out when due (see :mod:`adakv.cascade`)."""
@@ -444,6 +463,8 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos_rows = self.pos_rows[index.to(self.pos_rows.device)]
         if self.cascade_scores is not None:
             self.cascade_scores = self.cascade_scores[index.to(self.cascade_scores.device)]
+        if self.held_scores is not None:
+            self.held_scores = map_scores(lambda t: t[index.to(t.device)], self.held_scores)
         if self.decode_state is not None:
             self.decode_state.select_batch(index)
 

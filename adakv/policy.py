@@ -47,6 +47,7 @@ class CachePolicy:
     per layer from the first tensor's device; prefill_attention: None for the model's own attention;
     reserve: rows reserved per segment at every compaction for the tokens to come (None: a small slack
     that grows geometrically). With a reserve, a decode step has fixed shapes and no host tensor op.
+    chunk_scores: ``"latest"`` or ``"max"``, how held tokens are scored at a later prompt chunk's cut.
     """
 
     selection: Selection
@@ -54,6 +55,10 @@ class CachePolicy:
     backend: str | None = None
     prefill_attention: PrefillAttention | None = None
     reserve: int | None = None
+    chunk_scores: str = "latest"
+
+
+CHUNK_SCORES = ("latest", "max")
 
 
 class SharedState:

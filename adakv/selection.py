@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,12 +51,14 @@ class Choice:
 
     ``keep``: bool keep mask; ``raw``: the scorer's scores (its second stage for staged scorers), fp32, or
     None when everything was kept without scoring; ``ranked``: the scores the allocator ranked (+inf where
-    kept by rule, -inf at padding), or None likewise.
+    kept by rule, -inf at padding), or None likewise; ``scores``: the scorer's whole output (both stages of
+    :class:`~adakv.scorers.StagedScores`), or None likewise.
     """
 
     keep: torch.Tensor
     raw: torch.Tensor | None = None
     ranked: torch.Tensor | None = None
+    scores: torch.Tensor | StagedScores | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Ranking:
     raw: torch.Tensor
     budget: torch.Tensor
     whole: torch.Tensor
+    scores: torch.Tensor | StagedScores
 
 
 class Selection:
@@ -141,7 +145,7 @@ class Selection:
             raw = out.second.float()
         else:
             raw = out.float()
-        return Ranking(self._prepare(raw, protected, valid), raw, budget, whole.to(valid.device))
+        return Ranking(self._prepare(raw, protected, valid), raw, budget, whole.to(valid.device), out)
 
     def select(
         self,
@@ -170,7 +174,7 @@ class Selection:
         else:
             keep = self.allocator(ranking.ranked, ranking.budget)
         keep = torch.where(ranking.whole[:, None, None], valid, keep & valid)
-        return Choice(keep, ranking.raw, ranking.ranked)
+        return Choice(keep, ranking.raw, ranking.ranked, ranking.scores)
 
     def _prepare(self, scores: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""
@@ -197,6 +201,22 @@ def candidates(inputs: ScoreInputs, lookahead: int) -> torch.Tensor:
     valid = inputs.valid.clone()
     valid[..., valid.shape[-1] - lookahead :] = False
     return valid
+
+
+def map_scores(fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor | StagedScores):
+    """``fn`` applied to a scorer's output: to the tensor, or to both stages of a :class:`StagedScores`."""
+    if isinstance(scores, StagedScores):
+        return StagedScores(fn(scores.first), fn(scores.second), scores.first_fraction)
+    return fn(scores)
+
+
+def max_scores(fresh: torch.Tensor | StagedScores, earlier: torch.Tensor | StagedScores):
+    """Element-wise max of a scorer's output with ``earlier`` scores of the same columns (same structure; -inf
+    where a column has none), stage by stage."""
+    if isinstance(fresh, StagedScores):
+        first = torch.maximum(fresh.first.float(), earlier.first)
+        return StagedScores(first, torch.maximum(fresh.second.float(), earlier.second), fresh.first_fraction)
+    return torch.maximum(fresh.float(), earlier)
 
 
 def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:

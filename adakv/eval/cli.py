@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
             "the tokens seen so far (adakv.prefill_in_chunks(hold_final=True))",
         )
         p.add_argument(
+            "--chunk-scores",
+            choices=["latest", "max"],
+            default=None,
+            help="with --prefill-chunk-size: how held tokens are scored at a later chunk's cut "
+            "(AdaKVCache(chunk_scores=...); default: the cache's)",
+        )
+        p.add_argument(
             "--critiprefill",
             nargs="*",
             metavar="KEY=VALUE",
@@ -295,6 +302,14 @@ def _validate(args: argparse.Namespace) -> None:
     chunk = getattr(args, "prefill_chunk_size", None)
     if chunk is not None and chunk < args.window:
         _fail(f"--prefill-chunk-size must be >= --window ({args.window}), got {chunk}.")
+    chunk_only = {
+        "--no-lookahead": getattr(args, "no_lookahead", False),
+        "--hold-final": getattr(args, "hold_final", False),
+        "--chunk-scores": getattr(args, "chunk_scores", None) is not None,
+    }
+    given = [flag for flag, on in chunk_only.items() if on]
+    if chunk is None and given:
+        _fail(f"{', '.join(given)} only apply to a chunked prefill: add --prefill-chunk-size N.")
     if getattr(args, "critiprefill", None) is not None:
         args.critiprefill = _critiprefill_params(args.critiprefill)
 

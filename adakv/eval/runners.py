@@ -165,6 +165,7 @@ def contenders(
     lookahead = not getattr(args, "no_lookahead", False)
     hold_final = getattr(args, "hold_final", False)
     critiprefill = getattr(args, "critiprefill", None)  # CritiPrefill parameters, or None
+    options = {} if getattr(args, "chunk_scores", None) is None else {"chunk_scores": args.chunk_scores}
     live = prefill if prefill is not None else auto_prefill(tok, chunk, lookahead, hold_final)
     window = args.window
     out = []
@@ -176,7 +177,7 @@ def contenders(
 
                 def factory(model: Any, m: str = method, b: float | int = budget) -> Cache:
                     sparse = None if critiprefill is None else CritiPrefill(**critiprefill)
-                    return AdaKVCache(model, b, method=m, window=window, prefill_attention=sparse)
+                    return AdaKVCache(model, b, method=m, window=window, prefill_attention=sparse, **options)
 
                 label = method if critiprefill is None else f"{method}+critiprefill"
                 out.append(Contender(label, budget, factory, live))

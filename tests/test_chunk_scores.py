@@ -1,0 +1,167 @@
+"""AdaKVCache(chunk_scores=...): how held tokens are scored when a later prompt chunk cuts the cache back."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from tiny_models import ToyTokenizer, padded_batch, tiny_model
+
+from adakv import METHODS, AdaKVCache, ContextScorer, Scorer, compress_context, prefill_in_chunks
+from adakv.eval.cli import main as bench
+from adakv.layer import AdaKVLayer
+from adakv.prompt import chunk_bounds
+from adakv.scorers import StagedScores
+
+pytestmark = pytest.mark.fast
+BUDGET, WINDOW, CHUNK, SEQ = 0.25, 4, 30, 110
+
+
+class TableScorer(Scorer):
+    """Scores drawn afresh at every cut: cut c of layer l scores position p from a random table seeded by (l, c)."""
+
+    name = "table"
+
+    def __init__(self):
+        self.cuts: dict[int, int] = defaultdict(int)
+
+    @staticmethod
+    def table(layer: int, cut: int, shape: tuple[int, int]) -> torch.Tensor:
+        return torch.rand(*shape, SEQ, generator=torch.Generator().manual_seed(1000 * layer + cut))
+
+    def __call__(self, inputs):
+        cut = self.cuts[inputs.layer]
+        self.cuts[inputs.layer] += 1
+        pos = inputs.positions
+        table = self.table(inputs.layer, cut, tuple(pos.shape[:2]))
+        return table.gather(-1, pos.clamp(min=0)).masked_fill(pos < 0, float("-inf"))
+
+
+def _simulate(layer: int, b: int, h: int, heads: int, mode: str) -> list[int]:
+    """The positions one head keeps after the last chunk, cut by cut, in plain Python."""
+    held: dict[int, float] = {}
+    for cut, (lo, hi) in enumerate(chunk_bounds(SEQ, CHUNK, WINDOW)):
+        table = TableScorer.table(layer, cut, (2, heads))[b, h]
+        score = {p: float(table[p]) for p in [*held, *range(lo, hi)]}
+        if mode == "max":
+            score.update({p: max(score[p], s) for p, s in held.items()})
+        per_head = int(hi * BUDGET + 0.5)
+        protected = sorted(score)[-min(WINDOW, per_head) :]  # the newest tokens: the observation window
+        rest = sorted((p for p in score if p not in protected), key=score.get, reverse=True)
+        held = {p: score[p] for p in [*protected, *rest[: per_head - len(protected)]]}
+    return sorted(held)
+
+
+@pytest.mark.parametrize("mode", ["latest", "max"])
+def test_each_cut_keeps_the_top_of_the_latest_or_the_best_scores(mode):
+    """Uniform allocator, no lookahead, batch 2: after every cut each head holds exactly what a plain simulation
+    keeps, with ``"max"`` a held token scored by the best of its new score and the one it was kept with."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    cache = AdaKVCache(model, BUDGET, scorer=TableScorer(), allocator="uniform", window=WINDOW, chunk_scores=mode)
+    prefill_in_chunks(model, cache, ids, CHUNK, lookahead=False)
+    heads = model.config.num_key_value_heads
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    for rank, layer in enumerate(layers):
+        rows = layer._positions(view=False)
+        for b in range(2):
+            for h in range(heads):
+                got = rows[b, h][rows[b, h] >= 0].tolist()
+                assert got == _simulate(rank, b, h, heads, mode), (rank, b, h)
+
+
+def test_the_two_modes_differ_and_a_one_shot_prompt_is_the_same():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+    def kept(mode: str, chunk: int | None) -> list[torch.Tensor]:
+        cache = AdaKVCache(model, BUDGET, scorer=TableScorer(), allocator="uniform", window=WINDOW, chunk_scores=mode)
+        if chunk is None:
+            with torch.no_grad():
+                model(ids, past_key_values=cache)
+        else:
+            prefill_in_chunks(model, cache, ids, chunk, lookahead=False)
+        return [layer._positions(view=False) for layer in cache.layers]
+
+    assert any(not torch.equal(a, b) for a, b in zip(kept("latest", CHUNK), kept("max", CHUNK)))
+    assert all(torch.equal(a, b) for a, b in zip(kept("latest", None), kept("max", None)))
+
+
+def _held_scores_lined_up(layers: list[AdaKVLayer]) -> None:
+    """One held score per held row (never -inf: padding is never held), -inf after each segment's end."""
+    for layer in layers:
+        held = layer.held_scores
+        if layer.store is None or held is None:
+            continue
+        for t in (held.first, held.second) if isinstance(held, StagedScores) else (held,):
+            assert ((t > float("-inf")).sum(-1) == layer.kept_lengths().to(t.device)).all(), layer.rank
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_preset_keeps_its_budget_with_the_best_scores(method, monkeypatch):
+    """Every preset (staged scorers, cross-layer cascades that evict earlier layers' rows, context scorers) runs
+    chunked with ``"max"``, batch 2 with left padding and the lookahead: budget kept, padding and probe never held,
+    and after every layer's cut every layer's held scores are lined up with its held rows."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids, mask = padded_batch(seq_len=64, pad=9)
+    cache = AdaKVCache(model, 0.3, method=method, window=WINDOW, chunk_scores="max")
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    next_chunk = AdaKVLayer._next_chunk
+    cuts = []
+
+    def checked(self, *args):
+        out = next_chunk(self, *args)
+        _held_scores_lined_up(layers)
+        cuts.append(self.rank)
+        return out
+
+    monkeypatch.setattr(AdaKVLayer, "_next_chunk", checked)
+    if isinstance(cache.selection.scorer, ContextScorer):  # one cut, after the passes
+        compress_context(model, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer(), chunk_size=24)
+    else:
+        prefill_in_chunks(model, cache, ids, 24, attention_mask=mask)
+        assert len(cuts) == 2 * len(layers)
+    n = mask.sum(-1)
+    per_head = torch.floor(n * 0.3 + 0.5).long()
+    kept = torch.stack([layer.kept_lengths() for layer in layers])
+    heads = model.config.num_key_value_heads
+    assert (kept.sum((0, 2)) == len(layers) * heads * per_head).all()
+    for layer in layers:
+        assert layer.held_scores is not None
+        rows = layer._positions(view=False)
+        for b in range(2):
+            for h in range(heads):
+                seg = rows[b, h][rows[b, h] >= 0].tolist()
+                assert len(seg) == int(layer.kept_lengths()[b, h])
+                assert seg == sorted(set(seg)) and all(0 <= p < int(n[b]) for p in seg)
+    _held_scores_lined_up(layers)
+
+
+def test_batch_reordering_moves_the_held_scores():
+    """A cache filled with the batch reversed, chunk by chunk, equals one filled in order and reordered after the
+    first chunk: the held scores of the later cuts follow their sequences."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 90), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(budget=0.25, window=WINDOW, method="defensivekv", chunk_scores="max")
+    forward, backward = AdaKVCache(model, **kwargs), AdaKVCache(model, **kwargs)
+    with torch.no_grad():
+        with forward.compressing():
+            model(ids[:, :30], past_key_values=forward)
+        forward.batch_select_indices(torch.tensor([1, 0]))
+        with forward.compressing():
+            model(ids.flip(0)[:, 30:], past_key_values=forward)
+        with backward.compressing():
+            model(ids.flip(0)[:, :30], past_key_values=backward)
+            model(ids.flip(0)[:, 30:], past_key_values=backward)
+    for mine, theirs in zip(forward.layers, backward.layers):
+        assert torch.equal(mine._positions(view=False), theirs._positions(view=False))
+        torch.testing.assert_close(mine.held_scores, theirs.held_scores)
+
+
+def test_chunk_scores_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="chunk_scores must be one of"):
+        AdaKVCache(model, 0.2, chunk_scores="mean")
+    with pytest.raises(SystemExit):
+        bench(["quality", "--model", "smollm2", "--chunk-scores", "max", "--samples", "1"])  # no --prefill-chunk-size
