@@ -128,8 +128,9 @@ class AdaKVCache(Cache):
             CUDA graph can replay it. None: a 16-row slack that grows geometrically (less memory).
         chunk_scores: how a held token is scored when a later prompt chunk cuts the cache back:
             ``"latest"`` by the scorer's new scores only, ``"max"`` by the best score it has had at any cut (its
-            new one or the one that kept it last time). With one prompt forward there is one cut and both are
-            the same; a context scorer (KVzip) cuts once too.
+            new one or the one that kept it last time; a cut that kept everything scores nothing). With one
+            prompt forward there is one cut and both are the same; a context scorer (KVzip) cuts once too. A
+            decode policy starts from the last cut's own scores either way.
 
     A prompt may come in chunks: inside ``with cache.compressing():`` or
     ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from .kernels import backend
-from .scorers import PassAttention, ScoreInputs
+from .scorers import PassAttention, ScoreInputs, StagedScores
 from .selection import Choice, map_scores, max_scores, pack_kept
 from .storage import MIN_SLACK, RaggedKV, fit_width
 
@@ -209,11 +209,12 @@ class AdaKVLayer(CacheLayerMixin):
         probe = self._forget_probe()
         if probe:
             self.n_real = self.n_real - probe
-        scores = None
+        scores = fresh = None
         if self.held_scores is not None:  # chunk_scores="max": a held token keeps the best score it has had
             width = k_view.shape[2]
             earlier = map_scores(lambda t: store.rows_to_view(t, float("-inf"), width), self.held_scores)
-            scores = max_scores(self.policy.selection.scorer(inputs), earlier)
+            fresh = self.policy.selection.scorer(inputs)
+            scores = max_scores(fresh, earlier)
         choice = self.policy.selection.select(
             inputs,
             self.n_real,
@@ -222,6 +223,8 @@ class AdaKVLayer(CacheLayerMixin):
             lookahead=probe,
             n_final=self.shared.phase.final_tokens,
         )
+        if fresh is not None and choice.raw is not None:  # a decode policy starts from this cut's own scores
+            choice.raw = (fresh.second if isinstance(fresh, StagedScores) else fresh).float()
         store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
         self._compacted(inputs, choice)
         return out
@@ -397,9 +400,9 @@ class AdaKVLayer(CacheLayerMixin):
             self.cascade_scores = pack_kept(choice.ranked, keep) if choice.ranked is not None else None
         if self.policy.decode is not None:
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
-        self.held_scores = None
+        # a choice without scores kept every candidate: the held rows stay in order, their earlier scores apply
         if self.policy.chunk_scores == "max" and choice.scores is not None:
-            self.held_scores = map_scores(lambda t: pack_kept(t.float(), keep), choice.scores)
+            self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep), choice.scores)
 
     def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
         """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every

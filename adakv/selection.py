@@ -212,11 +212,11 @@ def map_scores(fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor 
 
 def max_scores(fresh: torch.Tensor | StagedScores, earlier: torch.Tensor | StagedScores):
     """Element-wise max of a scorer's output with ``earlier`` scores of the same columns (same structure; -inf
-    where a column has none), stage by stage."""
+    where a column has none), stage by stage; a NaN on one side gives the other (``fmax``), so none sticks."""
     if isinstance(fresh, StagedScores):
-        first = torch.maximum(fresh.first.float(), earlier.first)
-        return StagedScores(first, torch.maximum(fresh.second.float(), earlier.second), fresh.first_fraction)
-    return torch.maximum(fresh.float(), earlier)
+        first = torch.fmax(fresh.first.float(), earlier.first)
+        return StagedScores(first, torch.fmax(fresh.second.float(), earlier.second), fresh.first_fraction)
+    return torch.fmax(fresh.float(), earlier)
 
 
 def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:

@@ -71,6 +71,32 @@ def test_each_cut_keeps_the_top_of_the_latest_or_the_best_scores(mode):
                 assert got == _simulate(rank, b, h, heads, mode), (rank, b, h)
 
 
+@pytest.mark.parametrize("allocator", ["uniform", "adakv", "layer-adaptive"])
+def test_held_scores_are_the_best_score_since_arrival(allocator):
+    """Left-padded batch 2, the lookahead probe, allocators that give heads different lengths (and a cascade that
+    evicts earlier layers' rows): after the prompt, each held row's score is the max of the table's scores of its
+    position over the cuts since its chunk came in, so the scores are lined up with the right-aligned rows."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids, mask = padded_batch(seq_len=SEQ, pad=9, seed=5)
+    cache = AdaKVCache(model, BUDGET, scorer=TableScorer(), allocator=allocator, window=WINDOW, chunk_scores="max")
+    prefill_in_chunks(model, cache, ids, CHUNK, attention_mask=mask)
+    bounds = chunk_bounds(SEQ, CHUNK, WINDOW)
+    pad = (mask == 0).sum(-1)
+    heads = model.config.num_key_value_heads
+    layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+    for rank, layer in enumerate(layers):
+        tables = torch.stack([TableScorer.table(rank, cut, (2, heads)) for cut in range(len(bounds))])
+        rows, held = layer._positions(view=False), layer.held_scores
+        for b in range(2):
+            for h in range(heads):
+                for r, p in enumerate(rows[b, h].tolist()):
+                    if p < 0:
+                        continue
+                    arrival = next(c for c, (lo, hi) in enumerate(bounds) if lo <= p + int(pad[b]) < hi)
+                    expected = tables[arrival:, b, h, p].max()
+                    torch.testing.assert_close(held[b, h, r], expected, msg=f"layer {rank} b {b} h {h} pos {p}")
+
+
 def test_the_two_modes_differ_and_a_one_shot_prompt_is_the_same():
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -159,9 +185,11 @@ def test_batch_reordering_moves_the_held_scores():
         torch.testing.assert_close(mine.held_scores, theirs.held_scores)
 
 
-def test_chunk_scores_errors():
+def test_chunk_scores_errors(tmp_path, capsys):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="chunk_scores must be one of"):
         AdaKVCache(model, 0.2, chunk_scores="mean")
-    with pytest.raises(SystemExit):
-        bench(["quality", "--model", "smollm2", "--chunk-scores", "max", "--samples", "1"])  # no --prefill-chunk-size
+    for flags in (["--chunk-scores", "max"], ["--hold-final"], ["--no-lookahead"]):
+        with pytest.raises(SystemExit):  # no --prefill-chunk-size
+            bench(["quality", "--model", "smollm2", "--samples", "1", "--out", str(tmp_path), *flags])
+        assert "only apply to a chunked prefill" in capsys.readouterr().err
