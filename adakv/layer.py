@@ -11,8 +11,8 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from .kernels import backend
-from .scorers import PassAttention, ScoreInputs, StagedScores
-from .selection import Choice, map_scores, max_scores, pack_kept
+from .scorers import PassAttention, ScoreInputs
+from .selection import Choice, map_scores, pack_kept, raw_scores
 from .storage import MIN_SLACK, RaggedKV, fit_width
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ class AdaKVLayer(CacheLayerMixin):
             width = k_view.shape[2]
             earlier = map_scores(lambda t: store.rows_to_view(t, float("-inf"), width), self.held_scores)
             fresh = self.policy.selection.scorer(inputs)
-            scores = max_scores(fresh, earlier)
+            scores = map_scores(lambda new, old: torch.fmax(new.float(), old), fresh, earlier)  # NaN does not stick
         choice = self.policy.selection.select(
             inputs,
             self.n_real,
@@ -224,7 +224,7 @@ class AdaKVLayer(CacheLayerMixin):
             n_final=self.shared.phase.final_tokens,
         )
         if fresh is not None and choice.raw is not None:  # a decode policy starts from this cut's own scores
-            choice.raw = (fresh.second if isinstance(fresh, StagedScores) else fresh).float()
+            choice.raw = raw_scores(fresh)
         store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
         self._compacted(inputs, choice)
         return out

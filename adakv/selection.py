@@ -142,9 +142,7 @@ class Selection:
             # the first stage chooses its fraction of the budget left after the window, as in the paper's code
             stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
             protected = protected | self.allocator(first, stage1)
-            raw = out.second.float()
-        else:
-            raw = out.float()
+        raw = raw_scores(out)
         return Ranking(self._prepare(raw, protected, valid), raw, budget, whole.to(valid.device), out)
 
     def select(
@@ -203,20 +201,18 @@ def candidates(inputs: ScoreInputs, lookahead: int) -> torch.Tensor:
     return valid
 
 
-def map_scores(fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor | StagedScores):
-    """``fn`` applied to a scorer's output: to the tensor, or to both stages of a :class:`StagedScores`."""
-    if isinstance(scores, StagedScores):
-        return StagedScores(fn(scores.first), fn(scores.second), scores.first_fraction)
-    return fn(scores)
+def map_scores(fn: Callable[..., torch.Tensor], *scores: torch.Tensor | StagedScores):
+    """``fn`` applied to scorer outputs of one structure: to the tensors, or stage by stage to
+    :class:`StagedScores` (the first one's ``first_fraction`` is kept)."""
+    if isinstance(scores[0], StagedScores):
+        first = fn(*(s.first for s in scores))
+        return StagedScores(first, fn(*(s.second for s in scores)), scores[0].first_fraction)
+    return fn(*scores)
 
 
-def max_scores(fresh: torch.Tensor | StagedScores, earlier: torch.Tensor | StagedScores):
-    """Element-wise max of a scorer's output with ``earlier`` scores of the same columns (same structure; -inf
-    where a column has none), stage by stage; a NaN on one side gives the other (``fmax``), so none sticks."""
-    if isinstance(fresh, StagedScores):
-        first = torch.fmax(fresh.first.float(), earlier.first)
-        return StagedScores(first, torch.fmax(fresh.second.float(), earlier.second), fresh.first_fraction)
-    return torch.fmax(fresh.float(), earlier)
+def raw_scores(scores: torch.Tensor | StagedScores) -> torch.Tensor:
+    """What a :class:`Choice` calls ``raw``: the scores, or a staged scorer's second stage, in fp32."""
+    return (scores.second if isinstance(scores, StagedScores) else scores).float()
 
 
 def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:

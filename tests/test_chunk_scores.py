@@ -6,6 +6,10 @@ from collections import defaultdict
 
 import pytest
 import torch
+from test_matrix import BUDGET as BUDGET_MATRIX
+from test_matrix import MODEL, PAD, _check
+from test_matrix import SEQ as SEQ_MATRIX
+from test_matrix import WINDOW as WINDOW_MATRIX
 from tiny_models import ToyTokenizer, padded_batch, tiny_model
 
 from adakv import METHODS, AdaKVCache, ContextScorer, Scorer, compress_context, prefill_in_chunks
@@ -129,9 +133,8 @@ def test_every_preset_keeps_its_budget_with_the_best_scores(method, monkeypatch)
     """Every preset (staged scorers, cross-layer cascades that evict earlier layers' rows, context scorers) runs
     chunked with ``"max"``, batch 2 with left padding and the lookahead: budget kept, padding and probe never held,
     and after every layer's cut every layer's held scores are lined up with its held rows."""
-    model = tiny_model("llama", num_hidden_layers=3)
-    ids, mask = padded_batch(seq_len=64, pad=9)
-    cache = AdaKVCache(model, 0.3, method=method, window=WINDOW, chunk_scores="max")
+    ids, mask = padded_batch(seq_len=SEQ_MATRIX, pad=PAD)
+    cache = AdaKVCache(MODEL, BUDGET_MATRIX, method=method, window=WINDOW_MATRIX, chunk_scores="max")
     layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
     next_chunk = AdaKVLayer._next_chunk
     cuts = []
@@ -144,23 +147,12 @@ def test_every_preset_keeps_its_budget_with_the_best_scores(method, monkeypatch)
 
     monkeypatch.setattr(AdaKVLayer, "_next_chunk", checked)
     if isinstance(cache.selection.scorer, ContextScorer):  # one cut, after the passes
-        compress_context(model, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer(), chunk_size=24)
+        compress_context(MODEL, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer(), chunk_size=24)
     else:
-        prefill_in_chunks(model, cache, ids, 24, attention_mask=mask)
+        prefill_in_chunks(MODEL, cache, ids, 24, attention_mask=mask)
         assert len(cuts) == 2 * len(layers)
-    n = mask.sum(-1)
-    per_head = torch.floor(n * 0.3 + 0.5).long()
-    kept = torch.stack([layer.kept_lengths() for layer in layers])
-    heads = model.config.num_key_value_heads
-    assert (kept.sum((0, 2)) == len(layers) * heads * per_head).all()
-    for layer in layers:
-        assert layer.held_scores is not None
-        rows = layer._positions(view=False)
-        for b in range(2):
-            for h in range(heads):
-                seg = rows[b, h][rows[b, h] >= 0].tolist()
-                assert len(seg) == int(layer.kept_lengths()[b, h])
-                assert seg == sorted(set(seg)) and all(0 <= p < int(n[b]) for p in seg)
+    _check(cache, mask)  # test_matrix's invariants: each allocator's totals, window, no padding, kv_bytes
+    assert all(layer.held_scores is not None for layer in layers)
     _held_scores_lined_up(layers)
 
 
