@@ -104,3 +104,25 @@ def test_decode_policy_matrix(decode, allocator):
         else:
             bound = layer.decode_state.target.sum(-1) + 16 * heads
         assert (layer.kept_lengths().sum(-1) <= bound).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 24])
+@pytest.mark.parametrize("scorer", ["snapkv", "kvzip"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_layer_adaptive_safeguard_through_the_cache(scorer, alpha, chunk):
+    """LayerAdaptive(alpha) through the cascade (snapkv) and the one selection over all layers (kvzip): the total
+    stays the budget, and every (layer, sequence, head) keeps at least floor(alpha * per-head budget); alpha=1 is a
+    uniform split, which a global top-k on this model is not."""
+    cache = AdaKVCache(MODEL, BUDGET, scorer=scorer, allocator=LayerAdaptive(alpha=alpha), window=WINDOW)
+    mask = _run(cache, chunk)
+    _check(cache, mask)
+    per_head = torch.floor(mask.sum(-1) * BUDGET + 0.5).long()
+    kept = torch.stack([layer.kept_lengths() for layer in cache.layers if isinstance(layer, AdaKVLayer)]).cpu()
+    floor = torch.floor(per_head * alpha).long()
+    assert (kept >= floor[None, :, None]).all()
+    if alpha == 1.0:
+        assert (kept == per_head[None, :, None]).all()
+    plain = AdaKVCache(MODEL, BUDGET, scorer=scorer, allocator=LayerAdaptive(), window=WINDOW)
+    _run(plain, chunk)
+    kept0 = torch.stack([layer.kept_lengths() for layer in plain.layers if isinstance(layer, AdaKVLayer)]).cpu()
+    assert not (kept0 == per_head[None, :, None]).all()  # without the floor the split is uneven here

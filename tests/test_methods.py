@@ -211,3 +211,49 @@ def test_layer_adaptive_top_over_pieces():
     masks = LayerAdaptive().across_layers([earlier, current], torch.tensor([4]))  # 6 > 5 > 4 > 3
     assert masks[0].tolist() == [[[True, False, False], [True, False, False]]]
     assert masks[1].tolist() == [[[True, False], [False, True]]]
+
+
+def test_layer_adaptive_safeguard_floor_per_layer_and_head():
+    """alpha > 0: each (layer, head) keeps its own best floor(alpha * average per head) first, padding never; the
+    rest of the total goes to the best remaining scores; alpha=0 is the plain top-k; one layer alone equals Ada-KV
+    with the same alpha."""
+    from adakv.allocators import LayerAdaptive
+
+    inf = float("inf")
+    # two layers x 2 heads, batch 2; layer 0 scores far below layer 1, one head of layer 0 has padding
+    earlier = torch.tensor(
+        [[[0.5, 0.4, 0.3, -inf], [0.2, 0.1, 0.05, 0.01]], [[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2]]]
+    )
+    current = torch.tensor(
+        [[[9.0, 8.0, 7.0, 6.0], [5.0, 4.0, 3.0, 2.0]], [[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, -2.0, -3.0]]]
+    )
+    total = torch.tensor([8, 8])  # average per head 2 over 2 layers x 2 heads
+    plain = LayerAdaptive().across_layers([earlier, current], total)
+    assert kept(plain[0])[0] == [[], []]  # row 0: the global top-8 is all of layer 1
+    assert kept(plain[1])[0] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    masks = LayerAdaptive(alpha=0.5).across_layers([earlier, current], total)  # floor(0.5 * 2) = 1 each
+    assert kept(masks[0])[0] == [[0], [0]]
+    assert kept(masks[1])[0] == [[0, 1, 2, 3], [0, 1]]  # after the floors, 9 8 7 6 5 4 are the best remaining
+    # row 1: floors .9 / .5 / 4 / 0, then the best 4 remaining of everything: 3 2 1 .8
+    assert kept(masks[0])[1] == [[0, 1], [0]]
+    assert kept(masks[1])[1] == [[0, 1, 2, 3], [0]]
+    for m in (plain, masks):
+        assert [int(sum(x[b].sum() for x in m)) for b in range(2)] == [8, 8]
+    full = LayerAdaptive(alpha=1.0).across_layers([earlier, current], total)  # every (layer, head) its 2
+    assert [kept(x)[0] for x in full] == [[[0, 1], [0, 1]], [[0, 1], [0, 1]]]
+    # a head with fewer candidates than its floor keeps what it has, never its padding
+    short = torch.tensor([[[1.0, -inf, -inf, -inf], [1.0, 0.5, 0.2, 0.1]]])
+    one = LayerAdaptive(alpha=1.0).across_layers([short, current[:1]], torch.tensor([8]))
+    assert not bool(one[0][0, 0, 1:].any())
+    assert int(one[0].sum() + one[1].sum()) == 8  # the floor it could not fill goes to the joint part
+    # a layer that lost every token (an empty piece) takes no part
+    empty = LayerAdaptive(alpha=0.5).across_layers([torch.zeros(2, 2, 0), current], torch.tensor([3, 5]))
+    assert empty[0].shape == (2, 2, 0) and empty[1].sum((1, 2)).tolist() == [3, 5]
+    assert LayerAdaptive().across_layers([torch.zeros(2, 2, 0), current], torch.tensor([3, 5]))[1].sum() == 8
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 4, 10, generator=gen)
+    budget = torch.tensor([3, 5, 2])
+    for alpha in (0.0, 0.2, 0.5, 1.0):
+        assert torch.equal(LayerAdaptive(alpha)(scores, budget), AdaKV(alpha)(scores, budget))
+    with pytest.raises(ValueError, match="LayerAdaptive alpha"):
+        LayerAdaptive(alpha=1.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Allocator, topk_mask
+from .base import Allocator, check_alpha, safeguarded
 
 
 class AdaKV(Allocator):
@@ -26,14 +26,8 @@ class AdaKV(Allocator):
     name = "adakv"
 
     def __init__(self, alpha: float = 0.2):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"AdaKV alpha must be a number in [0, 1], got {alpha!r}.")
-        self.alpha = float(alpha)
+        self.alpha = check_alpha("AdaKV", alpha)
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        bsz, heads, seq = scores.shape
-        floor_k = torch.floor(budget.double() * self.alpha).long()
-        keep = topk_mask(scores.reshape(bsz * heads, seq), floor_k.repeat_interleave(heads)).reshape(bsz, heads, seq)
-        rest = (budget - floor_k) * heads
-        remaining = scores.masked_fill(keep, float("-inf")).reshape(bsz, heads * seq)
-        return keep | topk_mask(remaining, rest).reshape(bsz, heads, seq)
+        floor_k = torch.floor(budget.double() * self.alpha).long() if self.alpha else None
+        return safeguarded([scores], floor_k, budget * scores.shape[1])[0]

@@ -64,3 +64,36 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     idx = scores.topk(k_max, dim=-1, sorted=True).indices
     take = torch.arange(k_max, device=scores.device)[None, :] < k.to(scores.device)[:, None]
     return mask.scatter_(-1, idx, take)
+
+
+def check_alpha(owner: str, alpha: object) -> float:
+    """A safeguard fraction in [0, 1], or a ValueError naming ``owner``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{owner} alpha must be a number in [0, 1], got {alpha!r}.")
+    return float(alpha)
+
+
+def safeguarded(pieces: list[torch.Tensor], floor_k: torch.Tensor | None, total: torch.Tensor) -> list[torch.Tensor]:
+    """Keep masks of the ``[B, H, M_i]`` score pieces (``-inf``: not a candidate): every (piece, head) first keeps
+    its own ``floor_k[b]`` best candidates (fewer if it has fewer), then the rest of ``total[b]`` goes to the best
+    remaining scores of all pieces and heads jointly (Ada-KV's safeguard, over one layer or several). ``floor_k``
+    None: no floors, one top-k over everything (no per-piece work: the cascade calls this at every layer)."""
+    bsz = pieces[0].shape[0]
+    device = pieces[0].device
+    total = total.to(device)
+    floors = []
+    if floor_k is not None:
+        for p in pieces:
+            rows = p.reshape(p.shape[0] * p.shape[1], p.shape[-1])  # not (-1, M): a piece may be empty
+            k = floor_k.to(device).repeat_interleave(p.shape[1]).clamp(max=rows.shape[-1])
+            floors.append(topk_mask(rows, k).reshape(p.shape) & (p > float("-inf")))
+        total = (total - sum(f.reshape(bsz, -1).sum(-1) for f in floors)).clamp(min=0)
+        pieces = [p.masked_fill(f, float("-inf")) for p, f in zip(pieces, floors)]
+    rest = topk_mask(torch.cat([p.reshape(bsz, -1) for p in pieces], -1), total)
+    out, offset = [], 0
+    for i, p in enumerate(pieces):
+        n = p[0].numel()
+        mask = rest[:, offset : offset + n].reshape(p.shape)
+        out.append(floors[i] | mask if floors else mask)
+        offset += n
+    return out
