@@ -19,6 +19,7 @@ compressed cache's attention) and adds the variant's summaries.
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -126,8 +127,11 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.0, help="LayerAdaptive safeguard of kvzip+'s allocation")
     ap.add_argument("--variants", nargs="+", default=["none", "meanall", "bin64"])
     ap.add_argument("--plain", action="store_true", help="KVzip without kvzip+'s normalization")
+    ap.add_argument("--value-only", action="store_true", help="kvzip+'s ||W_O v|| weight without the 1 / ||h||")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.value_only and args.plain:
+        ap.error("--value-only is kvzip+ without its hidden-state norm: not with --plain")
     torch.set_num_threads(1)
     model, tok = load_model("smollm2", "float32", "cpu")
     cfg = model.config
@@ -138,10 +142,16 @@ def main():
             t0 = time.time()
             enc = encode_sample(tok, s)
             ctx_ids = enc.context_ids
+            scorer = KVzip(normalize=not args.plain)
+            if args.value_only:  # a constant ||h|| (sqrt(D)): the ranking of a * ||W_O v|| alone
+                observe = scorer.observe
+                scorer.observe = lambda seen, scores: observe(
+                    dataclasses.replace(seen, hidden_states=torch.ones_like(seen.hidden_states)), scores
+                )
             cache = AdaKVCache(
                 model,
                 args.budget,
-                scorer=KVzip(normalize=not args.plain),
+                scorer=scorer,
                 allocator=LayerAdaptive(args.alpha),
                 window=32,
             )
@@ -169,7 +179,7 @@ def main():
                     STATE.update(variant=spec, summ={})
                     text = greedy(model, tok, copy.deepcopy(dense), qenc.full_ids[:, ctx:], q.max_new_tokens)
                     rec = {"sample": si, "question": qi, "variant": name, "score": score(q, text), "text": text}
-                    rec.update(budget=args.budget, alpha=args.alpha, plain=args.plain)
+                    rec.update(budget=args.budget, alpha=args.alpha, plain=args.plain, value_only=args.value_only)
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
             model.set_attn_implementation("sdpa")

@@ -11,7 +11,9 @@ for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file
     for line in open(path):
         r = json.loads(line)
         plain = r.get("plain", False)
-        scorer = "full cache" if r["variant"] == "full" else ("kvzip" if plain else "kvzip+")
+        value_only = "kvzip+, value weight only (no 1 / norm(h))"
+        scorer = "kvzip" if plain else (value_only if r.get("value_only") else "kvzip+")
+        scorer = "full cache" if r["variant"] == "full" else scorer
         variant = "-" if r["variant"] == "full" else r["variant"]
         key = (scorer, r.get("alpha", 0.0), 1.0 if r["variant"] == "full" else r.get("budget", 0.2), variant)
         runs[key][(r["sample"], r["question"])] = r["score"]
