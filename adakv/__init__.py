@@ -2,12 +2,13 @@
 
 from adakv import AdaKVCache
 cache = AdaKVCache(model, budget=0.2)
-out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)  # cache=cache from transformers 5.24
 """
 
 from .allocators import ALLOCATORS, AdaKV, Allocator, CrossLayerAllocator, LayerAdaptive, PyramidKV, Uniform
 from .attention import restore_attention
 from .cache import AdaKVCache, kv_bytes
+from .cache_kwarg import with_cache
 from .context import compress_context, score_context, settle_context
 from .critiprefill import CritiPrefill, sparse_prefill
 from .decode import DECODE_POLICIES, DecodePolicy, H2ODecode, Rescore
@@ -68,4 +69,5 @@ __all__ = [
     "Uniform",
     "kv_bytes",
     "restore_attention",
+    "with_cache",
 ]

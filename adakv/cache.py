@@ -230,7 +230,7 @@ class AdaKVCache(Cache):
 
             with cache.compressing():
                 for chunk in chunks:
-                    model(chunk, past_key_values=cache)
+                    model(chunk, **with_cache(cache))
 
         (``adakv.prefill_in_chunks`` does this with the right masks and positions.)"""
         return prompt.compressing(self)

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from .cache_kwarg import with_cache
 from .layer import AdaKVLayer
 from .prompt import prefill_in_chunks
 from .scorers import ContextScorer
@@ -40,7 +41,7 @@ def compress_context(
         _check_context(cache, context_ids, attention_mask)
         mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
         if chunk_size is None:
-            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(context_ids, attention_mask=mask, **with_cache(cache), use_cache=True, logits_to_keep=1)
         else:
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
         return
@@ -92,7 +93,7 @@ def score_context(
     try:
         phase.mode = "hold"
         if chunk_size is None:
-            model(context_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(context_ids, attention_mask=mask, **with_cache(cache), use_cache=True, logits_to_keep=1)
         else:  # held whole: nothing is selected until the passes ran, so no lookahead
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=False)
         stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
@@ -113,7 +114,7 @@ def score_context(
                 ids,
                 attention_mask=full_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **with_cache(cache),
                 use_cache=True,
                 logits_to_keep=1,
             )

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import AdaKVCache, kv_bytes
+from .cache_kwarg import with_cache
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
 from .selection import check_budget
@@ -31,12 +32,12 @@ def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tok
     start = time.perf_counter()
     with torch.no_grad():
         if question_agnostic:
-            model(sample.context_prompt_ids(), past_key_values=cache)
+            model(sample.context_prompt_ids(), **with_cache(cache))
         # An explicit mask: SmolLM2's pad token is <|im_end|>, which also ends the prompt's system turn.
         out = model.generate(
             full,
             attention_mask=torch.ones_like(full),
-            past_key_values=cache,
+            **with_cache(cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cache_kwarg import with_cache
+
 if TYPE_CHECKING:
     from .cache import AdaKVCache
 
@@ -199,7 +201,7 @@ def prefill_in_chunks(
                     kwargs["attention_mask"] = chunk_mask
                 phase.lookahead = ahead
                 with _stock_layers_skip_probe(cache, ahead) if ahead else nullcontext():
-                    out = model(ids, past_key_values=cache, use_cache=True, **kwargs)
+                    out = model(ids, **with_cache(cache), use_cache=True, **kwargs)
                 logits = out.logits[:, -1]
     finally:  # the prompt is in (or failed): later forwards (a question, decoding) are neither probed nor sized
         phase.lookahead = 0  # for the whole prompt

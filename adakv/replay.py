@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import AdaKVCache
+from .cache_kwarg import with_cache
 from .layer import AdaKVLayer
 from .scorers import ScoreInputs, Scorer
 
@@ -47,7 +48,7 @@ def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """Run the dense prefill once and keep what every method's compression needs."""
     recorder = _Recorder()
     cache = AdaKVCache(model, budget=1, scorer=recorder, allocator="uniform", window=1)
-    out = model(input_ids, attention_mask=attention_mask, past_key_values=cache)
+    out = model(input_ids, attention_mask=attention_mask, **with_cache(cache))
     stock = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
     return PrefillRecord(recorder.seen, stock, out.logits[:, -1].clone(), input_ids.shape[1])
 

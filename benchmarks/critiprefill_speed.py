@@ -53,6 +53,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adakv
+from adakv import with_cache
 from adakv.critiprefill import CritiPrefill, sparse_prefill
 from adakv.kernels import block_sparse_reference as reference
 
@@ -172,7 +173,7 @@ def e2e_point(args, model, policy: CritiPrefill, ctx: int) -> dict:
 
     def prefill():
         with torch.no_grad():
-            return model(ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1).logits
+            return model(ids, **with_cache(DynamicCache(config=model.config)), logits_to_keep=1).logits
 
     row: dict = {"context": ctx}
     try:
@@ -243,7 +244,7 @@ def cpu_report(args) -> dict:
             """(wall-clock, CPU time of this process) of one prefill, in seconds."""
             with torch.no_grad():
                 t0, c0 = time.perf_counter(), time.process_time()
-                model(ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+                model(ids, **with_cache(DynamicCache(config=model.config)), logits_to_keep=1)
                 return time.perf_counter() - t0, time.process_time() - c0
 
         # rounds interleave the configurations, so a busy neighbour slows all of them alike
@@ -313,7 +314,7 @@ def quality(args) -> dict:
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=DynamicCache(config=model.config),
+                **with_cache(DynamicCache(config=model.config)),
                 do_sample=False,
                 max_new_tokens=max_new,
                 pad_token_id=eos if isinstance(eos, int) else eos[0],

@@ -43,7 +43,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adakv
-from adakv import AdaKVCache, kv_bytes
+from adakv import AdaKVCache, kv_bytes, with_cache
 from adakv.kernels import backend, ops_for, reference
 from adakv.storage import RaggedKV
 
@@ -276,7 +276,7 @@ def decode_run(model, ids: torch.Tensor, cache, steps: int, device: str) -> dict
     """Prefill ``ids``, then ``steps`` greedy steps (each feeds the previous argmax, as generate does)."""
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, logits_to_keep=1)  # full logits would dwarf the KV
+    out = model(ids, **with_cache(cache), logits_to_keep=1)  # full logits would dwarf the KV
     tok = out.logits[:, -1:].argmax(-1)
     _sync(device)
     t_prefill = time.perf_counter() - t0
@@ -287,14 +287,14 @@ def decode_run(model, ids: torch.Tensor, cache, steps: int, device: str) -> dict
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
         for i in range(steps):
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tok = model(tok, **with_cache(cache)).logits[:, -1:].argmax(-1)
             events[i + 1].record()
         events[-1].synchronize()
         step_s = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
     else:
         stamps = [time.perf_counter()]
         for _ in range(steps):
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tok = model(tok, **with_cache(cache)).logits[:, -1:].argmax(-1)
             stamps.append(time.perf_counter())
         step_s = [b - a for a, b in zip(stamps, stamps[1:])]
     return {

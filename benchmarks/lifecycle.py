@@ -40,7 +40,7 @@ import transformers
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import adakv
-from adakv import AdaKVCache, H2ODecode, Rescore, kv_bytes
+from adakv import AdaKVCache, H2ODecode, Rescore, kv_bytes, with_cache
 from adakv.cache import layer_kv_bytes
 from adakv.eval.report import _cpu_name
 from adakv.eval.speed import _greedy, compression_timer, peak_memory, percentile
@@ -214,7 +214,7 @@ def before_cuts(cache: AdaKVCache) -> Iterator[list[dict[str, int]]]:
 @torch.no_grad()
 def prefill(model: Any, ids: torch.Tensor, cache: Any) -> float:
     begin = time.perf_counter()
-    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(ids, **with_cache(cache), use_cache=True, logits_to_keep=1)
     return time.perf_counter() - begin
 
 
@@ -296,7 +296,7 @@ def chunk_trace(args: argparse.Namespace, model: Any, ids: torch.Tensor) -> list
             cuts.clear()
             chunk = ids[:, lo : lo + args.chunk]
             begin = time.perf_counter()
-            model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(chunk, **with_cache(cache), use_cache=True, logits_to_keep=1)
             seconds = time.perf_counter() - begin
             state = held(cache)
             seen = cache.get_seq_length()
@@ -338,7 +338,7 @@ def peak_run(args: argparse.Namespace, model: Any, tok: Any, config: str) -> dic
         model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
-            past_key_values=cache,
+            **with_cache(cache),
             generation_config=_greedy(model, 1),
             **extra,
         )
@@ -507,7 +507,7 @@ def decode_run(model: Any, prompt: torch.Tensor, cache: Any, tokens: int) -> dic
     out = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
-        past_key_values=cache,
+        **with_cache(cache),
         generation_config=_greedy(model, tokens),
         logits_processor=LogitsProcessorList([trace]),
     )
@@ -533,12 +533,12 @@ def teacher_forced(model: Any, prompt: torch.Tensor, reference: list[int], cache
     ``min_new_tokens`` excludes it in the greedy runs) is the full cache's next token."""
     eos = model.generation_config.eos_token_id
     eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-    logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(prompt, **with_cache(cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     hits = []
     for t, expected in enumerate(reference):
         if t:
             token = torch.tensor([[reference[t - 1]]], device=prompt.device)
-            logits = model(token, past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(token, **with_cache(cache), use_cache=True).logits[0, -1]
         logits[eos] = float("-inf")
         hits.append(int(logits.argmax()) == expected)
     return hits
@@ -666,7 +666,7 @@ def context_run(args: argparse.Namespace, model: Any, tok: Any, config: str) -> 
             cache = AdaKVCache(model, args.budget, method=config)
         begin = time.perf_counter()
         if config in ("dynamic", "ada-snapkv"):
-            model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(prompt, **with_cache(cache), use_cache=True, logits_to_keep=1)
         else:
             adakv.compress_context(model, cache, prompt, tokenizer=tok)
         return cache, time.perf_counter() - begin

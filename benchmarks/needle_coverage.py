@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from adakv import AdaKVCache, prefill_in_chunks
+from adakv import AdaKVCache, prefill_in_chunks, with_cache
 from adakv.eval.cli import load_model
 from adakv.eval.tasks import encode_sample, make_samples
 from adakv.layer import AdaKVLayer
@@ -83,7 +83,7 @@ def main() -> None:
                 cache = AdaKVCache(model, budget=args.budget, method=args.method)
             with torch.no_grad():
                 if mode == "one shot":
-                    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(ids, **with_cache(cache), use_cache=True, logits_to_keep=1)
                 else:
                     prefill_in_chunks(model, cache, ids, args.chunk, hold_final=mode.endswith("hold_final"))
             held, segments = [], 0

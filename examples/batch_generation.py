@@ -5,7 +5,7 @@ python examples/batch_generation.py
 
 import torch
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 from adakv.models import load_smollm2
 from adakv.needle import make_needle_sample
 
@@ -21,7 +21,7 @@ def main(lengths: tuple[int, ...] = (600, 1200), budget: float = 0.3) -> list[st
         mask[row, width - len(prompt) :] = 1
     cache = AdaKVCache(model, budget=budget, method="defensivekv")
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=10, do_sample=False)
     answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     for row, answer in enumerate(answers):
         kept = cache.kept_lengths(0)[row].tolist()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from ..cache_kwarg import with_cache
 from .haystack import haystack_text
 
 CacheFactory = Callable[[], Cache]
@@ -42,7 +43,7 @@ def full_cache(model: Any) -> DynamicCache:
 def forward_prefill(model: Any, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
     """The default prefill: one forward; the last position's logits ``[B, vocab]``."""
     with torch.no_grad():
-        return model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        return model(ids, **with_cache(cache), logits_to_keep=1).logits[:, -1]
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def _feed(
         if held == 0 and prefill is not None:
             logits = prefill(model, cache, ids[:, :stop])
         else:
-            logits = model(ids[:, held:stop], past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            logits = model(ids[:, held:stop], **with_cache(cache), logits_to_keep=1).logits[:, -1]
         held = stop
     return logits
 
@@ -89,7 +90,7 @@ def greedy_decode(
     token = logits.argmax(-1) if logits is not None else first_token.reshape(1).to(ids.device)
     out = [token]
     for _ in range(max_new_tokens - 1):
-        logits = model(token.view(1, 1), past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(token.view(1, 1), **with_cache(cache), logits_to_keep=1).logits[:, -1]
         token = logits.argmax(-1)
         out.append(token)
     return torch.cat(out)
@@ -131,7 +132,7 @@ def continuation_logprobs(
     the continuation fed in one forward after the (possibly compressed) context (through ``prefill`` when the
     cache is empty)."""
     _feed(model, cache, context_ids, None, prefill)
-    logits = model(continuation_ids, past_key_values=cache).logits[0]
+    logits = model(continuation_ids, **with_cache(cache)).logits[0]
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -181,7 +182,7 @@ def forced_logprobs(
     if held not in (prefix_len, n):
         raise ValueError(f"the cache holds {held} tokens; expected the prefix ({prefix_len}) or the prompt ({n}).")
     rest = torch.cat([ids[:, held:], target[:, :-1]], -1)
-    logits = model(rest, past_key_values=cache).logits[0] if rest.shape[1] else None
+    logits = model(rest, **with_cache(cache)).logits[0] if rest.shape[1] else None
     if held == n:  # the prompt's own last logits predict the first target token
         first = first if first is not None else last_logits
         if first is None:

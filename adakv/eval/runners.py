@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..cache import AdaKVCache, kv_bytes
+from ..cache_kwarg import with_cache
 from ..critiprefill import CritiPrefill, sparse_prefill
 from ..methods import get_method
 from ..replay import PrefillRecord, record_prefill, replay
@@ -214,7 +215,7 @@ def _answer(model: Any, tok: Any, cache: Any, prompt: torch.Tensor, first: torch
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **with_cache(cache),
             do_sample=False,
             max_new_tokens=max_new - (first is not None),
         )

@@ -36,6 +36,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from ..cache import AdaKVCache, kv_bytes
+from ..cache_kwarg import with_cache
 from ..layer import AdaKVLayer
 from .metrics import full_cache, prose_split
 from .progress import Progress
@@ -178,7 +179,7 @@ def measure(
             model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
+                **with_cache(cache),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([clock]),
             )
