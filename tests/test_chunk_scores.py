@@ -12,7 +12,7 @@ from test_matrix import SEQ as SEQ_MATRIX
 from test_matrix import WINDOW as WINDOW_MATRIX
 from tiny_models import ToyTokenizer, padded_batch, tiny_model
 
-from adakv import METHODS, AdaKVCache, ContextScorer, Scorer, compress_context, prefill_in_chunks
+from adakv import METHODS, AdaKVCache, ContextScorer, Scorer, compress_context, prefill_in_chunks, with_cache
 from adakv.eval.cli import main as bench
 from adakv.layer import AdaKVLayer
 from adakv.prompt import chunk_bounds
@@ -109,7 +109,7 @@ def test_the_two_modes_differ_and_a_one_shot_prompt_is_the_same():
         cache = AdaKVCache(model, BUDGET, scorer=TableScorer(), allocator="uniform", window=WINDOW, chunk_scores=mode)
         if chunk is None:
             with torch.no_grad():
-                model(ids, past_key_values=cache)
+                model(ids, **with_cache(cache))
         else:
             prefill_in_chunks(model, cache, ids, chunk, lookahead=False)
         return [layer._positions(view=False) for layer in cache.layers]
@@ -165,13 +165,13 @@ def test_batch_reordering_moves_the_held_scores():
     forward, backward = AdaKVCache(model, **kwargs), AdaKVCache(model, **kwargs)
     with torch.no_grad():
         with forward.compressing():
-            model(ids[:, :30], past_key_values=forward)
+            model(ids[:, :30], **with_cache(forward))
         forward.batch_select_indices(torch.tensor([1, 0]))
         with forward.compressing():
-            model(ids.flip(0)[:, 30:], past_key_values=forward)
+            model(ids.flip(0)[:, 30:], **with_cache(forward))
         with backward.compressing():
-            model(ids.flip(0)[:, :30], past_key_values=backward)
-            model(ids.flip(0)[:, 30:], past_key_values=backward)
+            model(ids.flip(0)[:, :30], **with_cache(backward))
+            model(ids.flip(0)[:, 30:], **with_cache(backward))
     for mine, theirs in zip(forward.layers, backward.layers):
         assert torch.equal(mine._positions(view=False), theirs._positions(view=False))
         torch.testing.assert_close(mine.held_scores, theirs.held_scores)

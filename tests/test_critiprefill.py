@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tiny_models import DEVICE, FAMILIES, padded_batch, tiny_model
 from transformers import DynamicCache
 
+from adakv import with_cache
 from adakv.critiprefill import CritiPrefill, sparse_prefill
 from adakv.kernels import block_sparse_reference as reference
 from adakv.kernels import triton_block_sparse  # imported after conftest.py set TRITON_INTERPRET
@@ -266,15 +267,15 @@ def test_sparse_prefill_with_dynamic_cache_batch_left_padding(family):
     ids, mask = padded_batch(seq_len=80, pad=9)
     before = model.config._attn_implementation
     with torch.no_grad():
-        want = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+        want = model(ids, attention_mask=mask, **with_cache(DynamicCache(config=model.config))).logits
         with sparse_prefill(model, **SMALL) as policy:
             assert model.config._attn_implementation == "critiprefill_" + before
             cache = DynamicCache(config=model.config)
-            got = model(ids, attention_mask=mask, past_key_values=cache).logits
+            got = model(ids, attention_mask=mask, **with_cache(cache)).logits
             sparse = policy.last_selection
             assert sparse is not None and not sparse[1].all()  # some segment really was sparse
             # a decode step after the sparse prefill goes through the original attention
-            step = model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache)
+            step = model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), **with_cache(cache))
             assert torch.isfinite(step.logits).all()
         assert model.config._attn_implementation == before
         real = mask.bool()
@@ -286,7 +287,7 @@ def test_sparse_prefill_with_dynamic_cache_batch_left_padding(family):
             key.shape[0], key.shape[1], query.shape[2], key.shape[2], 16, 4
         )
         with sparse_prefill(model, policy):
-            full = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+            full = model(ids, attention_mask=mask, **with_cache(DynamicCache(config=model.config))).logits
         torch.testing.assert_close(full[real], want[real], atol=1e-4, rtol=1e-4)
 
 
@@ -431,7 +432,7 @@ def test_adakv_cache_with_sparse_prefill(family):
     def run(policy):
         cache = AdaKVCache(model, 0.25, window=4, method="defensivekv", prefill_attention=policy)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+            out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=4, do_sample=False)
         return out, cache
 
     want, dense_cache = run(None)

@@ -7,7 +7,7 @@ import torch
 from tiny_models import padded_batch, tiny_model
 from transformers import DynamicCache
 
-from adakv import H2O, AdaKVCache, H2ODecode
+from adakv import H2O, AdaKVCache, H2ODecode, with_cache
 
 SLACK = H2ODecode().slack
 
@@ -30,8 +30,8 @@ def test_decode_eviction_matches_a_dense_simulation_of_h2o():
         return sorted(rest + recent)
 
     with torch.no_grad():
-        a = ours(ids, past_key_values=cache).logits
-        out = ref(ids, past_key_values=dense, output_attentions=True)
+        a = ours(ids, **with_cache(cache)).logits
+        out = ref(ids, **with_cache(dense), output_attentions=True)
         torch.testing.assert_close(a, out.logits)
         prob = out.attentions[0][0].float()  # [heads, L, L]
         scores = dict(enumerate(prob.sum(1).mean(0).tolist()))
@@ -41,8 +41,8 @@ def test_decode_eviction_matches_a_dense_simulation_of_h2o():
             pos = prompt_len + _  # position of the new token
             mask = torch.zeros(1, pos + 1, dtype=torch.long, device=ours.device)
             mask[0, held + [pos]] = 1
-            la = ours(tok, past_key_values=cache).logits
-            out = ref(tok, attention_mask=mask, past_key_values=dense, output_attentions=True)
+            la = ours(tok, **with_cache(cache)).logits
+            out = ref(tok, attention_mask=mask, **with_cache(dense), output_attentions=True)
             torch.testing.assert_close(la, out.logits, rtol=1e-4, atol=1e-5)
             held.append(pos)
             scores[pos] = 0.0
@@ -69,7 +69,7 @@ def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
     new = 50
     cache = AdaKVCache(model, 0.25, scorer=H2O(), decode="h2o", allocator="adakv", window=4)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     targets = {i: cache.kept_lengths(i) for i in range(3)}
     assert any(len(set(t.flatten().tolist())) > 1 for t in targets.values())  # Ada-KV: uneven heads
     for i, t in targets.items():
@@ -79,7 +79,7 @@ def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
         out = model.generate(
             ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **with_cache(cache),
             max_new_tokens=new,
             do_sample=False,
             num_beams=2,
@@ -93,7 +93,7 @@ def test_decode_eviction_bounds_every_head_in_batch_and_beam_search():
         assert cache.layers[i].decode_state.scores.shape[:2] == held.shape
     plain = AdaKVCache(model, 0.25, scorer=H2O(), allocator="adakv", window=4)
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=plain, max_new_tokens=new, do_sample=False)
+        model.generate(ids, attention_mask=mask, **with_cache(plain), max_new_tokens=new, do_sample=False)
     assert torch.equal(plain.kept_lengths(0), targets[0] + new - 1)  # without it every decoded token stays
 
 
@@ -105,10 +105,10 @@ def test_int_budget_context_then_question(family):
     ids, mask = padded_batch(seq_len=36, pad=3)
     cache = AdaKVCache(model, 30, scorer="h2o", decode="h2o", allocator="uniform", window=4)
     with torch.no_grad():
-        model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)
+        model(ids[:, :20], attention_mask=mask[:, :20], **with_cache(cache))
         compressed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "decode_state")]
         assert all(cache.layers[i].decode_state.target.eq(30).all() for i in compressed)
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, do_sample=False)
+        model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=40, do_sample=False)
     for i in compressed:
         held = cache.kept_lengths(i)
         assert (held <= 30 + SLACK).all() and (held >= 30).all()

@@ -9,7 +9,7 @@ from transformers import AttentionInterface, DynamicCache, LogitsProcessor, Logi
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from adakv import AdaKVCache, Rescore, SnapKV
+from adakv import AdaKVCache, Rescore, SnapKV, with_cache
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK
 
@@ -57,8 +57,8 @@ def test_rescore_matches_a_dense_simulation():
 
     with torch.no_grad():
         RECORDED.clear()
-        a = ours(ids, past_key_values=cache).logits
-        out = ref(ids, past_key_values=dense)
+        a = ours(ids, **with_cache(cache)).logits
+        out = ref(ids, **with_cache(dense))
         torch.testing.assert_close(a, out.logits)
         recent = RECORDED[-1]  # [1, H_q, L, D]
         held = select(list(range(prompt_len)), recent)
@@ -67,9 +67,9 @@ def test_rescore_matches_a_dense_simulation():
             pos = prompt_len + step - 1
             mask = torch.zeros(1, pos + 1, dtype=torch.long, device=ours.device)
             mask[0, held + [pos]] = 1
-            la = ours(tok, past_key_values=cache).logits
+            la = ours(tok, **with_cache(cache)).logits
             RECORDED.clear()
-            out = ref(tok, attention_mask=mask, past_key_values=dense)
+            out = ref(tok, attention_mask=mask, **with_cache(dense))
             torch.testing.assert_close(la, out.logits, rtol=1e-4, atol=1e-5)
             held.append(pos)
             recent = torch.cat([recent, RECORDED[-1]], 2)[:, :, -window:]
@@ -102,7 +102,7 @@ def test_rescore_bounds_every_step_with_batch_padding_and_beam_search():
         model.generate(
             ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **with_cache(cache),
             max_new_tokens=60,
             min_new_tokens=60,
             num_beams=2,
@@ -123,7 +123,7 @@ def test_rescore_float_budget_follows_tokens_seen_and_arguments():
     ids, mask = padded_batch(seq_len=60, pad=0)
     cache = AdaKVCache(model, 0.25, window=4, allocator="uniform", decode="rescore")
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=49, min_new_tokens=49)
+        model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=49, min_new_tokens=49)
     seen = 60 + 48  # tokens forwarded through the cache
     assert cache.kept_lengths(0).tolist() == [[27, 27], [27, 27]]  # round(0.25 * 108) at the last re-selection
     assert cache.layers[0].n_real.tolist() == [seen, seen]

@@ -8,7 +8,7 @@ from tiny_models import padded_batch, tiny_model
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,11 @@ def test_cache_reused_with_another_model_shape(model):
     other = tiny_model("llama", num_key_value_heads=4)
     AdaKVCache(other, budget=0.5)  # activated, but the first cache is the one passed
     with pytest.raises(ValueError, match=r"\(kv_heads, head_dim\) = \(2, 16\)"):
-        other(ids, attention_mask=mask, past_key_values=cache)
+        other(ids, attention_mask=mask, **with_cache(cache))
     deeper = tiny_model("llama", num_hidden_layers=5)
     AdaKVCache(deeper, budget=0.5)
     with pytest.raises(ValueError, match="made for a model with 3 layers"):
-        deeper(ids, attention_mask=mask, past_key_values=AdaKVCache(model, budget=0.5))
+        deeper(ids, attention_mask=mask, **with_cache(AdaKVCache(model, budget=0.5)))
 
 
 def test_attention_switched_away_after_creation():
@@ -98,7 +98,7 @@ def test_attention_switched_away_after_creation():
     cache = AdaKVCache(model, budget=0.5)
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="no longer uses adakv's attention"):
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+        model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=2)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -107,14 +107,14 @@ def test_cache_of_one_model_used_by_another_unactivated_model(model):
     ids, mask = padded_batch()
     twin = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="not adakv's"):
-        twin(ids, attention_mask=mask, past_key_values=AdaKVCache(model, budget=0.5))
+        twin(ids, attention_mask=mask, **with_cache(AdaKVCache(model, budget=0.5)))
 
 
 def test_right_padding_is_refused(model):
     ids, mask = padded_batch()
     right = torch.flip(mask, [-1])
     with pytest.raises(ValueError, match="padding_side = 'left'"):
-        model(ids, attention_mask=right, past_key_values=AdaKVCache(model, budget=0.5))
+        model(ids, attention_mask=right, **with_cache(AdaKVCache(model, budget=0.5)))
 
 
 def test_model_with_only_sliding_layers_is_refused():

@@ -10,7 +10,7 @@ import transformers as tf
 from tiny_models import DEVICE, padded_batch, tiny_model
 from torch import nn
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 from adakv.layer import AdaKVLayer
 from adakv.methods import METHODS, get_method
 from adakv.replay import record_prefill
@@ -233,7 +233,7 @@ def test_a_constant_position_shift_does_not_change_the_scores():
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():  # the generate() way: positions counted over real tokens
         cache = AdaKVCache(model, budget=1, scorer=_Capture(), allocator="uniform", window=1)
-        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        model(ids, attention_mask=mask, position_ids=positions, **with_cache(cache))
     scorer = ExpectedAttention()
     for layer, rec in shifted.inputs.items():
         a, b = scorer(rec), scorer(cache.selection.scorer.seen[layer])
@@ -258,7 +258,7 @@ def test_end_to_end_left_padded_batch(family, method):
     ids, mask = padded_batch(seq_len=48, pad=7)
     cache = AdaKVCache(model, budget=0.25, method=method, window=4)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 53)
     n_real = mask.sum(-1).tolist()
     for idx, layer in enumerate(cache.layers):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from adakv import AdaKVCache, kv_bytes
+from adakv import AdaKVCache, kv_bytes, with_cache
 from adakv.cache import layer_kv_bytes
 from adakv.layer import AdaKVLayer
 from adakv.models import load_model
@@ -37,7 +37,7 @@ def test_full_budget_identical_to_dynamic_cache(gemma3):
         with torch.no_grad():
             outs.append(
                 model.generate(
-                    ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, do_sample=False
+                    ids, attention_mask=torch.ones_like(ids), **with_cache(cache), max_new_tokens=6, do_sample=False
                 )
             )
     assert torch.equal(outs[0], outs[1])
@@ -50,8 +50,8 @@ def test_budget_02_compresses_only_full_attention_layers(gemma3):
     ids = sample.full_prompt_ids()
     dense, cache = DynamicCache(config=model.config), AdaKVCache(model, budget=0.2)
     with torch.no_grad():  # logits_to_keep=1: the 262k-vocabulary logits of every token would cost as much again
-        model(ids, past_key_values=dense, logits_to_keep=1)
-        model(ids, past_key_values=cache, logits_to_keep=1)
+        model(ids, **with_cache(dense), logits_to_keep=1)
+        model(ids, **with_cache(cache), logits_to_keep=1)
     full = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
     assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, AdaKVLayer)] == full
     sliding_bytes = sum(layer_kv_bytes(dense.layers[i]) for i in range(len(dense.layers)) if i not in full)

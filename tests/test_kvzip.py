@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import adakv.layer
-from adakv import AdaKVCache, KVzip, compress_context, score_context, settle_context
+from adakv import AdaKVCache, KVzip, compress_context, score_context, settle_context, with_cache
 from adakv.layer import AdaKVLayer
 
 pytestmark = pytest.mark.fast
@@ -60,12 +60,12 @@ def test_kvzip_matches_a_dense_simulation(variant, kv_heads, layers, monkeypatch
             lambda m, a, kw, i=i: hidden.__setitem__(i, kw["hidden_states"][0].double()), with_kwargs=True
         )
     with torch.no_grad():
-        ref(ids, past_key_values=dense)
+        ref(ids, **with_cache(dense))
         scores = torch.zeros(layers, kv_heads, length, dtype=torch.float64)
         for step in scorer.passes(ids, torch.ones_like(ids), tok):
             n = step.ids.shape[1]
             RECORDED.clear()
-            ref(step.ids, past_key_values=dense, position_ids=torch.arange(length, length + n)[None])
+            ref(step.ids, **with_cache(dense), position_ids=torch.arange(length, length + n)[None])
             dense.crop(-n)
             lo, hi = int(step.span_start[0]), int(step.span_end[0])
             cols = torch.zeros(length + n, dtype=torch.bool)
@@ -128,8 +128,8 @@ def test_kvzip_matches_a_dense_simulation(variant, kv_heads, layers, monkeypatch
         nxt = torch.tensor([[7]])
         for pos in range(length, length + 6):
             mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], -1)
-            a = ours(nxt, past_key_values=cache).logits
-            b = ref(nxt, attention_mask=mask, past_key_values=dense).logits
+            a = ours(nxt, **with_cache(cache)).logits
+            b = ref(nxt, attention_mask=mask, **with_cache(dense)).logits
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             nxt = a.argmax(-1)
 
@@ -143,7 +143,7 @@ def test_kvzip_batch_padding_global_budget_and_restored_stock_layers(family, nor
     compress_context(model, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer())
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=reference)
+        model(ids, attention_mask=mask, **with_cache(reference))
     layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
     heads = model.config.num_key_value_heads
     per_head = torch.floor(mask.sum(-1) * 0.3 + 0.5).long()
@@ -158,7 +158,7 @@ def test_kvzip_batch_padding_global_budget_and_restored_stock_layers(family, nor
         if not isinstance(mine, AdaKVLayer):  # sliding-window layers: exactly the context's, pass tokens gone
             assert torch.equal(mine.keys, theirs.keys)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 75)
 
 
@@ -167,7 +167,7 @@ def test_kvzip_errors():
     ids, mask = padded_batch()
     cache = AdaKVCache(model, 0.3, scorer="kvzip")
     with pytest.raises(ValueError, match="compress the context with adakv.compress_context"), torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     with pytest.raises(ValueError, match="pass tokenizer="):
         compress_context(model, AdaKVCache(model, 0.3, scorer="kvzip"), ids, attention_mask=mask)
     with pytest.raises(ValueError, match="KVzip chunk_size must be an int >= 1"):
@@ -188,7 +188,7 @@ def test_score_once_settle_many_budgets(method):
     scored = AdaKVCache(model, 0.5, method=method)
     score_context(model, scored, ids, attention_mask=mask, tokenizer=tok)
     with pytest.raises(ValueError, match="call adakv.settle_context"), torch.no_grad():
-        model(ids[:, :3], attention_mask=torch.cat([mask, torch.ones_like(ids[:, :3])], -1), past_key_values=scored)
+        model(ids[:, :3], attention_mask=torch.cat([mask, torch.ones_like(ids[:, :3])], -1), **with_cache(scored))
     for budget in (0.2, 0.5, 7):
         settled = copy.deepcopy(scored)
         settle_context(model, settled, budget=budget)

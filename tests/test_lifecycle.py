@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import padded_batch, tiny_model
 
-from adakv import AdaKVCache, SnapKV, prefill_in_chunks
+from adakv import AdaKVCache, SnapKV, prefill_in_chunks, with_cache
 from adakv.layer import AdaKVLayer
 
 pytestmark = pytest.mark.fast
@@ -48,7 +48,7 @@ def test_generate_prefill_chunks_are_compressed_to_the_budget(family):
         block.self_attn.register_forward_hook(spy, with_kwargs=True)
     with torch.no_grad():
         model.generate(
-            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk
+            ids, attention_mask=mask, **with_cache(cache), max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk
         )
     assert len({int(n.sum()) for n, _ in trace}) >= 150 // chunk  # one state per chunk
     for n_real, held in trace:
@@ -74,7 +74,7 @@ def test_chunk_covering_the_prompt_equals_one_shot():
         with torch.no_grad():
             outs.append(
                 model.generate(
-                    ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False, **kwargs
+                    ids, attention_mask=mask, **with_cache(cache), max_new_tokens=6, do_sample=False, **kwargs
                 )
             )
         kept.append(cache.kept_lengths(0))
@@ -92,7 +92,7 @@ def test_three_ways_of_chunking_agree_and_a_question_is_appended_whole():
             model.generate(
                 ids[:, doc],
                 attention_mask=mask[:, doc],
-                past_key_values=cache,
+                **with_cache(cache),
                 max_new_tokens=1,
                 do_sample=False,
                 prefill_chunk_size=40,
@@ -110,7 +110,7 @@ def test_three_ways_of_chunking_agree_and_a_question_is_appended_whole():
             for lo in range(0, 100, 40):
                 hi = min(lo + 40, 100)
                 pos = (mask[:, :hi].cumsum(-1) - 1).clamp(min=0)[:, lo:hi]
-                model(ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=pos, past_key_values=cache)
+                model(ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=pos, **with_cache(cache))
         return cache
 
     a, b, c = via_generate(), via_helper(), via_context()
@@ -121,7 +121,7 @@ def test_three_ways_of_chunking_agree_and_a_question_is_appended_whole():
         assert held_positions(layer_a) == held_positions(layer_b)
     before = b.kept_lengths(0)
     with torch.no_grad():  # the question is appended and kept whole (question-agnostic use)
-        model(ids[:, question], attention_mask=mask, past_key_values=b)
+        model(ids[:, question], attention_mask=mask, **with_cache(b))
     assert torch.equal(b.kept_lengths(0), before + 20)
 
 
@@ -130,7 +130,7 @@ def test_chunking_errors_come_before_any_work():
     ids, mask = padded_batch(seq_len=64)
     cache = AdaKVCache(model, budget=0.3, window=16)
     with pytest.raises(ValueError, match="smaller than this AdaKVCache's observation window"), torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, prefill_chunk_size=8)
+        model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=2, prefill_chunk_size=8)
     assert cache.get_seq_length() == 0 and cache.layers[0].store is None
     with pytest.raises(ValueError, match="chunk_size must be an int >= the cache's observation window"):
         prefill_in_chunks(model, cache, ids, 8)
@@ -146,7 +146,7 @@ def test_two_stage_scorer_with_cross_layer_allocator_cascades():
     ids, mask = padded_batch(seq_len=80, pad=10)
     cache = AdaKVCache(model, budget=0.25, window=4, scorer="criticalkv", allocator="layer-adaptive")
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     heads = model.config.num_key_value_heads
     kept = torch.stack([layer.kept_lengths() for layer in compressed(cache)])  # [layers, B, H]
     assert kept.sum((0, 2)).tolist() == (per_head(mask, 0.25) * heads * 4).tolist()
@@ -163,7 +163,7 @@ def test_a_scorer_attribute_no_longer_switches_decode_eviction():
     for scorer in (Lookalike(), SnapKV()):
         cache = AdaKVCache(model, budget=0.25, window=4, scorer=scorer, allocator="uniform")
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, min_new_tokens=40)
+            model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=40, min_new_tokens=40)
         kept.append(cache.kept_lengths(0))
     # every decoded token kept (39 forwarded after the prompt): no policy hidden in an attribute
     assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], per_head(mask, 0.25)[:, None].expand(-1, 2) + 39)
@@ -176,7 +176,7 @@ def test_reset_gives_a_fresh_cache_and_crop_offload_refuse():
     runs = []
     for _ in range(2):
         with torch.no_grad():
-            runs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5))
+            runs.append(model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=5))
         lengths = cache.kept_lengths(0)
         cache.reset()
         layer = cache.layers[0]
@@ -198,14 +198,14 @@ def test_deepcopy_mid_generation_with_a_live_decode_policy(decode):
     policy = Rescore(interval=4) if decode == "rescore" else decode
     cache = AdaKVCache(model, budget=20, window=4, decode=policy, allocator="adakv")
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, min_new_tokens=10)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=10, min_new_tokens=10)
         twin = copy.deepcopy(cache)
         state, twin_state = cache.layers[0].decode_state, twin.layers[0].decode_state
         assert state is not twin_state and type(state) is type(twin_state)
         more = torch.cat([out, out[:, -1:]], -1)
         more_mask = torch.cat([mask, torch.ones_like(more[:, mask.shape[1] :])], -1)
-        a = model.generate(more, attention_mask=more_mask, past_key_values=cache, max_new_tokens=20, min_new_tokens=20)
-        b = model.generate(more, attention_mask=more_mask, past_key_values=twin, max_new_tokens=20, min_new_tokens=20)
+        a = model.generate(more, attention_mask=more_mask, **with_cache(cache), max_new_tokens=20, min_new_tokens=20)
+        b = model.generate(more, attention_mask=more_mask, **with_cache(twin), max_new_tokens=20, min_new_tokens=20)
     assert torch.equal(a, b)
     assert torch.equal(cache.kept_lengths(0), twin.kept_lengths(0))
 
@@ -217,8 +217,8 @@ def test_batch_reordering_moves_every_piece_of_layer_state():
     kwargs = dict(budget=0.3, window=4, method="layer-defensivekv", decode="h2o")
     forward, backward = AdaKVCache(model, **kwargs), AdaKVCache(model, **kwargs)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=forward)
-        model(ids.flip(0), attention_mask=mask.flip(0), past_key_values=backward)
+        model(ids, attention_mask=mask, **with_cache(forward))
+        model(ids.flip(0), attention_mask=mask.flip(0), **with_cache(backward))
     forward.batch_select_indices(torch.tensor([1, 0]))
     for mine, theirs in zip(compressed(forward), compressed(backward)):
         assert torch.equal(mine.store.lengths(), theirs.store.lengths())

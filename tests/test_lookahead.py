@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import padded_batch, tiny_model
 
-from adakv import AdaKVCache, SnapKV, prefill_in_chunks
+from adakv import AdaKVCache, SnapKV, prefill_in_chunks, with_cache
 from adakv.layer import AdaKVLayer
 from adakv.prompt import chunk_bounds
 
@@ -55,7 +55,7 @@ def test_probe_leaves_no_trace(family):
     one = AdaKVCache(model, budget=1.0, window=window)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() and prefill_in_chunks count them
     with torch.no_grad():
-        ref = model(ids, attention_mask=mask, position_ids=positions, past_key_values=one).logits[:, -1]
+        ref = model(ids, attention_mask=mask, position_ids=positions, **with_cache(one)).logits[:, -1]
     chunked = AdaKVCache(model, budget=1.0, window=window)
     logits = prefill_in_chunks(model, chunked, ids, 32, attention_mask=mask)
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
@@ -70,7 +70,7 @@ def test_probe_leaves_no_trace(family):
     full_mask = torch.cat([mask, torch.ones_like(step)], -1)
     kwargs = dict(attention_mask=full_mask, position_ids=mask.sum(-1, keepdim=True))
     with torch.no_grad():
-        after = [model(step, past_key_values=c, **kwargs).logits[:, -1] for c in (one, chunked)]
+        after = [model(step, **with_cache(c), **kwargs).logits[:, -1] for c in (one, chunked)]
     torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=1e-4)
 
 
@@ -84,7 +84,7 @@ def test_every_chunk_is_scored_from_the_prompts_final_window():
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         cache = AdaKVCache(model, 0.3, scorer=one_scorer, window=window)
-        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        model(ids, attention_mask=mask, position_ids=positions, **with_cache(cache))
     prefill_in_chunks(model, AdaKVCache(model, 0.3, scorer=chunk_scorer, window=window), ids, 32, attention_mask=mask)
     ((one_q, _),) = one_scorer.calls
     final = one_q[:, :, -window:]

@@ -18,6 +18,7 @@ from adakv import (
     PyramidKV,
     Uniform,
     compress_context,
+    with_cache,
 )
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK
@@ -64,7 +65,7 @@ def _run(cache: AdaKVCache, chunk: int | None) -> torch.Tensor:
         return mask
     kwargs = {} if chunk is None else {"prefill_chunk_size": chunk}
     with torch.no_grad():
-        MODEL.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False, **kwargs)
+        MODEL.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=1, do_sample=False, **kwargs)
     return mask
 
 
@@ -94,7 +95,7 @@ def test_decode_policy_matrix(decode, allocator):
     cache = AdaKVCache(MODEL, 16, allocator=allocator, decode=decode, window=WINDOW)
     ids, mask = padded_batch(seq_len=SEQ, pad=PAD)
     with torch.no_grad():
-        MODEL.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, min_new_tokens=40)
+        MODEL.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=40, min_new_tokens=40)
     heads = MODEL.config.num_key_value_heads
     for layer in cache.layers:
         # rescore: the layer's budget (16 per head on average over layers) + the tokens since the last

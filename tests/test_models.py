@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, padded_batch, tiny_model
 from transformers import DynamicCache
 
-from adakv import AdaKVCache, Scorer, Uniform
+from adakv import AdaKVCache, Scorer, Uniform, with_cache
 from adakv.layer import AdaKVLayer
 
 NEW = 10
@@ -15,7 +15,7 @@ NEW = 10
 
 def generate(model, cache, ids, mask, **kwargs):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, past_key_values=cache, **kwargs)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, **with_cache(cache), **kwargs)
 
 
 def adakv_layers(cache):
@@ -39,7 +39,7 @@ def test_compressed_generation_keeps_budget_per_layer(family):
     ids, mask = padded_batch(seq_len=64, pad=9)
     cache = AdaKVCache(model, budget=0.25, window=4)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     real = mask.sum(-1)  # 55 and 64 real tokens -> 14 and 16 per head
     per_head = torch.floor(real * 0.25 + 0.5).long()
     layers = adakv_layers(cache)
@@ -49,7 +49,7 @@ def test_compressed_generation_keeps_budget_per_layer(family):
         assert kept.sum(-1).tolist() == (per_head * kept.shape[1]).tolist()
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=dense)
+        model(ids, attention_mask=mask, **with_cache(dense))
     full_bytes = sum(dense.layers[i].keys.nbytes * 2 for i in layers)
     ours = sum(cache.layers[i].nbytes() for i in layers)
     assert ours < 0.6 * full_bytes
@@ -62,7 +62,7 @@ def test_kept_lengths_differ_across_heads():
     ids, mask = padded_batch(seq_len=96)
     cache = AdaKVCache(model, budget=0.2, window=4)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     assert any(len(set(cache.kept_lengths(i)[1].tolist())) > 1 for i in adakv_layers(cache))
 
 
@@ -84,8 +84,8 @@ def test_positions_stay_right_without_position_ids(family):
     cache = AdaKVCache(model, budget=budget, scorer=KeepOldest(), allocator=Uniform(), window=window)
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        a = model(ids, past_key_values=cache).logits
-        b = model(ids, past_key_values=dense).logits
+        a = model(ids, **with_cache(cache)).logits
+        b = model(ids, **with_cache(dense)).logits
         torch.testing.assert_close(a, b)
         keep2d = torch.zeros(1, 40, dtype=torch.long, device=model.device)
         keep2d[0, : budget - window] = 1
@@ -93,8 +93,8 @@ def test_positions_stay_right_without_position_ids(family):
         tok = a[:, -1:].argmax(-1)
         for step in range(6):
             keep2d = torch.cat([keep2d, torch.ones_like(keep2d[:, :1])], -1)
-            la = model(tok, past_key_values=cache).logits  # no mask, no position_ids
-            lb = model(tok, attention_mask=keep2d, past_key_values=dense).logits
+            la = model(tok, **with_cache(cache)).logits  # no mask, no position_ids
+            lb = model(tok, attention_mask=keep2d, **with_cache(dense)).logits
             if family == "gemma3":  # its sliding layers see the evicted tokens; compare the compressed layer only
                 break
             torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
@@ -111,7 +111,7 @@ def test_question_agnostic_and_second_turn(family):
     results = []
     for cache in (DynamicCache(config=model.config), AdaKVCache(model, budget=1.0)):
         with torch.no_grad():
-            model(ctx, attention_mask=ctx_mask, past_key_values=cache)
+            model(ctx, attention_mask=ctx_mask, **with_cache(cache))
         first = generate(model, cache, ids, mask, do_sample=False)
         turn2 = torch.cat([first, ids[:, 40:48]], -1)
         second = generate(model, cache, turn2, torch.ones_like(turn2).masked_fill(turn2 == 0, 0), do_sample=False)
@@ -125,7 +125,7 @@ def test_question_agnostic_compressed_then_beam_search():
     ids, mask = padded_batch(seq_len=72)
     cache = AdaKVCache(model, budget=0.3, window=4)
     with torch.no_grad():
-        model(ids[:, :60], attention_mask=mask[:, :60], past_key_values=cache)
+        model(ids[:, :60], attention_mask=mask[:, :60], **with_cache(cache))
     with pytest.raises(ValueError, match="batch_repeat_interleave"):
         generate(model, cache, ids, mask, do_sample=False, num_beams=2)
     cache.batch_repeat_interleave(2)
@@ -194,8 +194,8 @@ def test_multi_token_append_on_compressed_cache_matches_masked_dense():
     cache = AdaKVCache(model, budget=budget, scorer=KeepOldest(), allocator=Uniform(), window=window)
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ctx, attention_mask=ctx_mask, past_key_values=cache)
-        model(ctx, attention_mask=ctx_mask, past_key_values=dense)
+        model(ctx, attention_mask=ctx_mask, **with_cache(cache))
+        model(ctx, attention_mask=ctx_mask, **with_cache(dense))
         keep2d = torch.zeros_like(ctx_mask)
         for row in range(2):
             real = ctx_mask[row].nonzero().flatten()
@@ -203,12 +203,12 @@ def test_multi_token_append_on_compressed_cache_matches_masked_dense():
             keep2d[row, real[-window:]] = 1
         full_mask = torch.cat([ctx_mask, torch.ones_like(new)], -1)
         positions = (full_mask.cumsum(-1) - 1)[:, 48:]
-        got = model(new, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+        got = model(new, attention_mask=full_mask, position_ids=positions, **with_cache(cache)).logits
         want = model(
             new,
             attention_mask=torch.cat([keep2d, torch.ones_like(new)], -1),
             position_ids=positions,
-            past_key_values=dense,
+            **with_cache(dense),
         ).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert cache.kept_lengths(0).tolist() == [[budget + 16] * 2] * 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, ToyTokenizer, padded_batch, tiny_model
 
-from adakv import METHODS, AdaKVCache, ContextScorer, compress_context
+from adakv import METHODS, AdaKVCache, ContextScorer, compress_context, with_cache
 from adakv.cascade import SHRINK_FACTOR
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK, RaggedKV
@@ -31,7 +31,7 @@ def test_every_method_generates_with_padding(method):
     else:
         mask_ctx = mask
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 68)
     per_head = torch.floor(mask_ctx.sum(-1) * 0.25 + 0.5).long()  # 14 and 16
     total = sum(layer.kept_lengths() - appended for layer in compressed(cache))
@@ -47,7 +47,7 @@ def test_methods_on_every_family(family, method):
     ids, mask = padded_batch(seq_len=48)
     cache = AdaKVCache(model, budget=0.3, window=4, method=method)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 51) and torch.isfinite(torch.tensor(cache.kv_bytes())).item()
     assert not any(layer.store is None for layer in compressed(cache))
 
@@ -75,7 +75,7 @@ def test_layer_defensivekv_budget_across_layers_and_peak_bound():
     for block in model.model.layers:
         block.self_attn.register_forward_hook(spy, with_kwargs=True)
     with torch.no_grad(), patch.object(RaggedKV, "replace", counting_replace):
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache(cache))
     token_bytes = 2 * model.config.head_dim * 4
     for idx, held, nbytes in peaks:
         bound = int(per_head.sum()) * heads * (idx + 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import padded_batch, tiny_model
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 from adakv.replay import record_prefill, replay
 
 
@@ -22,12 +22,12 @@ def test_replay_matches_live_prefill(family):
             live = model.generate(
                 ids,
                 attention_mask=mask,
-                past_key_values=AdaKVCache(model, 0.3, window=4, method=method),
+                **with_cache(AdaKVCache(model, 0.3, window=4, method=method)),
                 max_new_tokens=6,
                 do_sample=False,
             )
             cache = replay(model, record, 0.3, window=4, method=method)
-            again = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+            again = model.generate(ids2, attention_mask=mask2, **with_cache(cache), max_new_tokens=5, do_sample=False)
         assert torch.equal(live, again), method
 
 
@@ -41,8 +41,8 @@ def test_replay_question_agnostic_matches_live():
             if cache is None:
                 cache = replay(model, record, 0.4, window=4, method="defensivekv")
             else:
-                model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache)
+                model(ids[:, :50], attention_mask=mask[:, :50], **with_cache(cache))
             outs.append(
-                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+                model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=5, do_sample=False)
             )
     assert torch.equal(*outs)

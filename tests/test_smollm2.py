@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 from adakv.models import load_smollm2
 from adakv.needle import is_correct, make_needle_sample
 
@@ -37,7 +37,7 @@ def test_full_budget_identical_to_dynamic_cache_batch_with_padding(smollm2):
             with torch.no_grad():
                 outs.append(
                     model.generate(
-                        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False, **kwargs
+                        ids, attention_mask=mask, **with_cache(cache), max_new_tokens=8, do_sample=False, **kwargs
                     )
                 )
         assert torch.equal(outs[0], outs[1]), kwargs
@@ -48,8 +48,8 @@ def test_budget_02_really_frees_memory(smollm2):
     ids = make_needle_sample(tok, 2000, 0.5, seed=11).full_prompt_ids()
     dense, cache = DynamicCache(config=model.config), AdaKVCache(model, budget=0.2)
     with torch.no_grad():
-        model(ids, past_key_values=dense)
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(dense))
+        model(ids, **with_cache(cache))
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
     assert cache.kv_bytes() <= 0.22 * dense_bytes
     per_head = round(0.2 * ids.shape[1])
@@ -69,9 +69,9 @@ def test_question_agnostic_needle_at_half_budget(smollm2):
     answers = []
     for cache in (DynamicCache(config=model.config), AdaKVCache(model, budget=0.5)):
         with torch.no_grad():
-            model(sample.context_prompt_ids(), past_key_values=cache)
+            model(sample.context_prompt_ids(), **with_cache(cache))
             out = model.generate(
-                full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=8, do_sample=False
+                full, attention_mask=torch.ones_like(full), **with_cache(cache), max_new_tokens=8, do_sample=False
             )
         answers.append(tok.decode(out[0, full.shape[1] :]))
     assert is_correct(answers[0], sample) and is_correct(answers[1], sample), answers

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import compiled_decode_matches_eager, padded_batch, tiny_model
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 
 
 @pytest.mark.fast
@@ -20,7 +20,7 @@ def test_reserve_gives_the_same_tokens_as_the_default(new_tokens):
         with torch.no_grad():
             outs.append(
                 model.generate(
-                    ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False
+                    ids, attention_mask=mask, **with_cache(cache), max_new_tokens=new_tokens, do_sample=False
                 )
             )
         if reserve:
@@ -38,7 +38,7 @@ def test_compiled_decode_step_has_no_graph_break(backend):
     caches = [AdaKVCache(model, 0.5, window=4, reserve=16, backend="torch") for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+            logits = model(ids, attention_mask=mask, **with_cache(cache)).logits
     compiled_decode_matches_eager(model, caches, logits[:, -1:].argmax(-1), mask, backend, steps=5)
     assert torch.equal(caches[0].kept_lengths(0), caches[1].kept_lengths(0))
     assert caches[1].layers[0].n_real.tolist() == caches[0].layers[0].n_real.tolist()

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adakv import with_cache
 from adakv.kernels import reference, torch_ragged
 
 pytestmark = pytest.mark.fast
@@ -139,7 +140,7 @@ def test_forward_with_grad_enabled_goes_through_autograd():
     model = tiny_model("llama")
     ids, mask = padded_batch()
     cache = AdaKVCache(model, 0.5, window=4, backend="torch")
-    out = model(ids, attention_mask=mask, past_key_values=cache)
-    step = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    out = model(ids, attention_mask=mask, **with_cache(cache))
+    step = model(out.logits[:, -1:].argmax(-1), **with_cache(cache))
     step.logits.sum().backward()
     assert model.lm_head.weight.grad is not None

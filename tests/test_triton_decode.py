@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import compiled_decode_matches_eager, nan_alloc, padded_batch, tiny_model
 
-from adakv import AdaKVCache
+from adakv import AdaKVCache, with_cache
 from adakv.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -177,7 +177,7 @@ def test_generate_through_fused_decode_matches_torch(reserve, monkeypatch):
         cache = AdaKVCache(model, budget=0.4, window=4, backend=backend, reserve=reserve)
         with torch.no_grad():
             outs.append(
-                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=24, do_sample=False)
+                model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=24, do_sample=False)
             )
         if backend == "triton":
             assert not calls
@@ -194,7 +194,7 @@ def test_compiled_decode_step_through_the_fused_op_has_no_graph_break():
     caches = [AdaKVCache(model, 0.5, window=4, reserve=16, backend="triton-fused") for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+            logits = model(ids, attention_mask=mask, **with_cache(cache)).logits
     compiled_decode_matches_eager(model, caches, logits[:, -1:].argmax(-1), mask, "aot_eager", steps=4)
     assert torch.equal(caches[0].kept_lengths(0), caches[1].kept_lengths(0))
     for a, b in zip(caches[0].layers, caches[1].layers):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import nan_alloc
 
+from adakv import with_cache
 from adakv.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -158,9 +159,9 @@ def test_generate_with_triton_backend_matches_torch(family, monkeypatch):
         monkeypatch.setenv("ADAKV_BACKEND", backend)
         cache = AdaKVCache(model, budget=0.4, window=4)
         with torch.no_grad():
-            model(ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache)
+            model(ids[:, :40], attention_mask=mask[:, :40], **with_cache(cache))
             outs.append(
-                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+                model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=6, do_sample=False)
             )
     assert torch.equal(*outs)
 

@@ -7,6 +7,8 @@ import os
 import torch
 import transformers as tf
 
+from adakv import with_cache
+
 COMMON = dict(
     vocab_size=256,
     hidden_size=64,
@@ -87,7 +89,7 @@ def compiled_decode_matches_eager(model, caches, tok, mask, compile_backend: str
     ``torch.compile(fullgraph=True)`` (so any graph break fails); the logits must agree at every step."""
 
     def step(cache, tok, attention_mask):
-        return model(tok, attention_mask=attention_mask, past_key_values=cache).logits
+        return model(tok, attention_mask=attention_mask, **with_cache(cache)).logits
 
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend, dynamic=True)
     torch._dynamo.reset()
