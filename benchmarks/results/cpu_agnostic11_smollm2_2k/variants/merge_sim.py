@@ -28,9 +28,10 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from adakv import AdaKVCache, compress_context
+from adakv import AdaKVCache, compress_context, with_cache
 from adakv.allocators import LayerAdaptive
 from adakv.eval.cli import load_model
+from adakv.eval.runners import _answer  # the harness's own answer: generate, as `adakv-bench quality`
 from adakv.eval.tasks import encode_sample, make_samples, questions, score
 from adakv.scorers import KVzip
 
@@ -104,21 +105,6 @@ def variant_spec(name: str, n_layers: int) -> dict:
     raise ValueError(name)
 
 
-@torch.no_grad()
-def greedy(model, tok, cache, ids, max_new):
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    out = model(ids, past_key_values=cache)
-    new = []
-    for _ in range(max_new):
-        t = int(out.logits[0, -1].argmax())
-        if t in eos:
-            break
-        new.append(t)
-        out = model(torch.tensor([[t]]), past_key_values=cache)
-    return tok.decode(new, skip_special_tokens=True)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=8)
@@ -169,7 +155,7 @@ def main():
             model.set_attn_implementation("sdpa")
             dense = DynamicCache(config=cfg)
             with torch.no_grad():
-                model(ctx_ids, past_key_values=dense)
+                model(ctx_ids, **with_cache(dense))
             model.set_attn_implementation("merge_sim")
             STATE.update(ctx=ctx, held=held)
             for qi, q in enumerate(questions(s)):
@@ -177,7 +163,7 @@ def main():
                 assert torch.equal(qenc.context_ids, ctx_ids)
                 for name, spec in specs.items():
                     STATE.update(variant=spec, summ={})
-                    text = greedy(model, tok, copy.deepcopy(dense), qenc.full_ids[:, ctx:], q.max_new_tokens)
+                    text = _answer(model, tok, copy.deepcopy(dense), qenc.full_ids, None, q.max_new_tokens)
                     rec = {"sample": si, "question": qi, "variant": name, "score": score(q, text), "text": text}
                     rec.update(budget=args.budget, alpha=args.alpha, plain=args.plain, value_only=args.value_only)
                     f.write(json.dumps(rec) + "\n")
