@@ -35,26 +35,22 @@ machine, versions, date and parameters.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import adakv
 from adakv import with_cache
 from adakv.critiprefill import CritiPrefill, sparse_prefill
+from adakv.eval.runinfo import run_info
 from adakv.kernels import block_sparse_reference as reference
 
 RESULTS = Path(__file__).parent / "results"
@@ -361,30 +357,6 @@ def _policy_params(args) -> dict:
     }
 
 
-def _versions() -> dict:
-    versions = {"adakv": adakv.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        versions["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    if torch.version.cuda:
-        versions["cuda"] = torch.version.cuda
-    return versions
-
-
-def _machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -441,14 +413,11 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("no CUDA device; --smoke runs the same code on the CPU, --cpu-report the SmolLM2 report")
     if min(args.repeats, args.calls, args.e2e_repeats, args.e2e_calls) < 1:
         p.error("--repeats, --calls, --e2e-repeats and --e2e-calls must be positive")
-    machine = _machine(args.device)
+    info = run_info("python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]), args.device)
     body = quality(args) if args.quality else cpu_report(args) if args.cpu_report else gpu_main(args)
-    machine["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "versions": _versions(),
+        **info,
         "timing": (
             f"kernels: {args.calls} back-to-back calls per timed block, median of {args.repeats}; prefill: "
             f"{args.e2e_calls} back-to-back per timed block, median of {args.e2e_repeats}"

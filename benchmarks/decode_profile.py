@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, StaticCache
 
 import adakv
 from adakv import AdaKVCache, with_cache
 from adakv.eval.cli import load_model
-from adakv.eval.report import _cpu_name
+from adakv.eval.runinfo import machine_line, run_info
 
 
 def _caches(model, args) -> dict:
@@ -115,12 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model(args.model, args.dtype, args.device, args.random_weights)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=gen).to(model.device)
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"CPU ({_cpu_name()})"
+    command = "python benchmarks/decode_profile.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     result = {
-        "command": "python benchmarks/decode_profile.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {device}",
-        "versions": {"adakv": adakv.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        **run_info(command, model.device),
         "args": {k: str(v) for k, v in vars(args).items()},
         "caches": {name: _profile(model, make, ids, args) for name, make in _caches(model, args).items()},
     }
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"`{result['command']}`",
         "",
-        f"{result['date']}; {result['machine']}; {result['versions']}",
+        f"{result['date']}; {machine_line(result['machine'])}; {result['versions']}",
         "",
         "ms/token: the mean over the steps before the profiled ones (the same count) and over the profiled steps "
         "(with the profiler's overhead); self ms: the op's own time per decoded token (device time on CUDA), "

@@ -27,23 +27,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import adakv
 from adakv import AdaKVCache, kv_bytes, with_cache
+from adakv.eval.runinfo import run_info
 from adakv.kernels import backend, ops_for, reference
 from adakv.storage import RaggedKV
 
@@ -339,17 +336,6 @@ def e2e_point(args, model, ctx: int, batch: int, bandwidth: float) -> dict:
     return row
 
 
-def _versions() -> dict:
-    versions = {"adakv": adakv.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        versions["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    if torch.version.cuda:
-        versions["cuda"] = torch.version.cuda
-    return versions
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -398,10 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_info("python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]), args.device),
         "device": device_name,
-        "versions": _versions(),
         "timing": f"kernels: {args.calls} back-to-back calls per CUDA-event pair, inputs rotated past the L2 cache, "
         f"median of {args.repeats}; *_graph_s: CUDA graph replay of the same calls; end-to-end: "
         f"{args.decode_steps} greedy steps, per-step events",

@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
-import platform
 import re
 import shlex
 import statistics
@@ -31,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import adakv
 from adakv import AdaKVCache, H2ODecode, Rescore, kv_bytes, with_cache
 from adakv.cache import layer_kv_bytes
-from adakv.eval.report import _cpu_name
+from adakv.eval.runinfo import run_info
 from adakv.eval.speed import _greedy, compression_timer, peak_memory, percentile
 from adakv.layer import AdaKVLayer
 from adakv.storage import MIN_SLACK, RaggedKV
@@ -80,36 +77,10 @@ def prompt_ids(model: Any, tok: Any, n: int, seed: int) -> torch.Tensor:
     return prose_split(tok, n, 0, seed)[0].to(model.device)
 
 
-def _git() -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
 def metadata(argv: list[str], args: argparse.Namespace, model: Any) -> dict[str, Any]:
     text = model.config.get_text_config(decoder=True)
     return {
-        "command": "python benchmarks/lifecycle.py " + shlex.join(argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "arch": platform.machine(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        },
-        "versions": {
-            "adakv": adakv.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "git": _git(),
+        **run_info("python benchmarks/lifecycle.py " + shlex.join(argv), model.device),
         "model": {
             "name": args.model,
             "cls": type(model).__name__,

@@ -538,3 +538,19 @@ def test_cli_multi_mode_all_methods_and_chunked_prefill(tiny_dir, tmp_path):
         main([*argv[:-2], "--prefill-chunk-size", "4", "--out", str(tmp_path / "x")])  # below the window
     with pytest.raises(SystemExit):
         main(["quality", "--model", tiny_dir, "--tasks", "summary", "--out", str(tmp_path / "y")])  # fidelity only
+
+
+@pytest.mark.fast
+def test_run_info_records_command_machine_versions_and_commit():
+    from adakv.eval.runinfo import machine_line, run_info
+
+    info = run_info("adakv-bench quality --samples 1", "cpu")
+    assert info["command"] == "adakv-bench quality --samples 1"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", info["date"])
+    assert info["machine"]["cpu_count"] and info["machine"]["torch_threads"] == torch.get_num_threads()
+    assert "gpu" not in info["machine"]
+    assert {"adakv", "torch", "transformers", "python"} <= set(info["versions"])
+    commit = info["git"]["commit"]  # a checkout (these tests run from one) or None when installed elsewhere
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+    line = machine_line(info["machine"])
+    assert f"{info['machine']['cpu_count']} CPUs" in line and "CPU (" in line

@@ -5,29 +5,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import shlex
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-
-import adakv
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from adakv.eval.runinfo import machine_line, run_info
 
 
 def _header(kind: str, meta: dict[str, Any]) -> list[str]:
@@ -36,7 +19,8 @@ def _header(kind: str, meta: dict[str, Any]) -> list[str]:
         "",
         f"`{meta['command']}`",
         "",
-        f"{meta['date']}; {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"{meta['date']}; {machine_line(meta['machine'])}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
     ]
 
@@ -81,19 +65,9 @@ def _speed_summary(rows: list[dict], meta: dict[str, Any]) -> str:
 
 
 def _meta(argv: list[str], args: argparse.Namespace, model: Any, seconds: float) -> dict[str, Any]:
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"CPU ({_cpu_name()})"
     return {
         "kind": args.kind,
-        "command": "adakv-bench " + shlex.join(argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads, {device}",
-        "versions": dict(
-            adakv=adakv.__version__,
-            torch=torch.__version__,
-            transformers=transformers.__version__,
-            python=platform.python_version(),
-        ),
+        **run_info("adakv-bench " + shlex.join(argv), model.device),
         "model": dict(
             spec=args.model,
             cls=type(model).__name__,
