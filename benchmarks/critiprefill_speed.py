@@ -46,10 +46,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 
 from adakv import with_cache
 from adakv.critiprefill import CritiPrefill, sparse_prefill
+from adakv.eval.cli import random_llama
 from adakv.eval.runinfo import run_info
 from adakv.kernels import block_sparse_reference as reference
 
@@ -197,19 +198,17 @@ def gpu_main(args) -> dict:
     attention = [attention_point(args, policy, ctx, dtype) for ctx in args.contexts]
     e2e = []
     if not args.skip_e2e:
-        config = LlamaConfig(
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            vocab_size=args.vocab,
-            rope_theta=500000.0,
-            max_position_embeddings=max(args.contexts) + 64,
+        model = random_llama(
+            args.device,
+            dtype,
+            max(args.contexts) + 64,
+            args.layers,
+            args.hidden,
+            args.heads,
+            args.kv_heads,
+            args.intermediate,
+            args.vocab,
         )
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype).eval()
-        model.set_attn_implementation("sdpa")
         for ctx in args.contexts:
             if args.device == "cuda":
                 torch.cuda.empty_cache()

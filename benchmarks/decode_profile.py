@@ -2,6 +2,8 @@
 AdaKVCache, one after another in one process, each after its own prefill of the same prompt.
 
     python benchmarks/decode_profile.py --length 2324 --steps 32 --threads 2 --out benchmarks/results/decode_profile_cpu
+    python benchmarks/decode_profile.py --device cuda --model llama3-8b-shape --dtype bfloat16 --length 32768 \
+        --out benchmarks/results/decode_profile_h100    # Llama-3.1-8B's shape, random weights
 
 Writes ``profile.json`` (command, machine, versions, date; per cache: ms/token over the profiled steps and the ops
 that took the most self time, as calls and milliseconds per decoded token) and ``summary.md``. On CUDA the ops are
@@ -93,7 +95,7 @@ def _profile(model, make_cache, ids: torch.Tensor, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="a harness model name, or llama3-8b-shape (random weights)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random-weights", action="store_true")

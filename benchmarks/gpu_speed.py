@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from adakv import AdaKVCache, kv_bytes, with_cache
+from adakv.eval.cli import random_llama
 from adakv.eval.runinfo import run_info
 from adakv.kernels import backend, ops_for, reference
 from adakv.storage import RaggedKV
@@ -365,17 +366,17 @@ def main(argv: list[str] | None = None) -> dict:
     attention = [attention_point(args, ctx, b, dtype, bandwidth) for ctx in args.contexts for b in args.batches]
     e2e = []
     if not args.skip_e2e:
-        config = LlamaConfig(
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            vocab_size=args.vocab,
-            max_position_embeddings=max(args.contexts) + args.decode_steps + 64,
+        model = random_llama(
+            args.device,
+            dtype,
+            max(args.contexts) + args.decode_steps + 64,
+            args.layers,
+            args.hidden,
+            args.heads,
+            args.kv_heads,
+            args.intermediate,
+            args.vocab,
         )
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype).eval()
         e2e = [
             e2e_point(args, model, ctx, b, bandwidth)
             for ctx in args.contexts

@@ -102,12 +102,46 @@ def _check_lengths(max_pos: int | None, needs: dict[int, int], name: str) -> Non
             )
 
 
+LLAMA_8B_SHAPE = "llama3-8b-shape"  # load_model's name for random_llama() (no tokenizer: random ids only)
+
+
+def random_llama(
+    device: str | torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    layers: int = 32,
+    hidden: int = 4096,
+    heads: int = 32,
+    kv_heads: int = 8,
+    intermediate: int = 14336,
+    vocab: int = 128256,
+) -> Any:
+    """A Llama with random weights, Llama-3.1-8B's shape by default, built on ``device`` (speed and memory do not
+    depend on the weights, and no 8B checkpoint is available offline)."""
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        rope_theta=500000.0,
+        max_position_embeddings=max_positions,
+    )
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
 def load_model(spec: str, dtype: str, device: str, random_weights: bool = False) -> tuple[Any, Any]:
     """(model in eval mode on ``device``, tokenizer) for a name in MODELS or a local checkpoint directory;
     ``random_weights``: the model built from its config alone, on ``device`` (no weight files read)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    if spec == LLAMA_8B_SHAPE:
+        return random_llama(device, torch_dtype, max_positions=131072 + 4096), None
     if spec in MODELS and not random_weights:
         try:
             model, tok = load_registered(spec, dtype=torch_dtype)
