@@ -53,7 +53,8 @@ class Cascade:
         pieces = [layer.cascade_scores for layer in earlier] + [ranked]
         total = per_head * ranked.shape[1] * (rank + 1)
         everything = sum(int(p[0].numel()) for p in pieces)
-        total = torch.where(whole, torch.full_like(total, everything), total)
+        # after a first chunk the layers may hold fewer candidates than the budget: then all of them compete
+        total = torch.where(whole, torch.full_like(total, everything), total.clamp(max=everything))
         masks = self.allocator.across_layers(pieces, total)
         masks = [mask & (piece > float("-inf")) for mask, piece in zip(masks, pieces)]
         last = rank == len(layers) - 1

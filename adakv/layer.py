@@ -210,9 +210,8 @@ class AdaKVLayer(CacheLayerMixin):
         if probe:
             self.n_real = self.n_real - probe
         scores = fresh = None
-        if self.held_scores is not None:  # chunk_scores="max": a held token keeps the best score it has had
-            width = k_view.shape[2]
-            earlier = map_scores(lambda t: store.rows_to_view(t, float("-inf"), width), self.held_scores)
+        earlier = self._held_view(k_view.shape[2])
+        if earlier is not None:  # chunk_scores="max": a held token keeps the best score it has had
             fresh = self.policy.selection.scorer(inputs)
             scores = map_scores(lambda new, old: torch.fmax(new.float(), old), fresh, earlier)  # NaN does not stick
         choice = self.policy.selection.select(
@@ -226,8 +225,15 @@ class AdaKVLayer(CacheLayerMixin):
         if fresh is not None and choice.raw is not None:  # a decode policy starts from this cut's own scores
             choice.raw = raw_scores(fresh)
         store.replace(k_view, v_view, choice.keep)  # the probe is never kept: its rows go here
-        self._compacted(inputs, choice)
+        self._compacted(inputs, choice, earlier)
         return out
+
+    def _held_view(self, width: int):
+        """``held_scores`` (chunk_scores="max") in the view layout of the current store, -inf for rows without
+        one; None when there are none."""
+        if self.held_scores is None:
+            return None
+        return map_scores(lambda t: self.store.rows_to_view(t, float("-inf"), width), self.held_scores)
 
     def _forget_probe(self) -> int:
         """Tokens at the end of this prompt chunk that are a lookahead probe (:func:`adakv.prefill_in_chunks`):
@@ -390,8 +396,9 @@ class AdaKVLayer(CacheLayerMixin):
             query, keys, values, valid, window, scaling, softcap, module, self.rank, self.num_compressed, positions
         )
 
-    def _compacted(self, inputs: ScoreInputs, choice: Choice) -> None:
-        """Bookkeeping after the storage was rebuilt from ``inputs``' candidates with ``choice.keep``."""
+    def _compacted(self, inputs: ScoreInputs, choice: Choice, earlier=None) -> None:
+        """Bookkeeping after the storage was rebuilt from ``inputs``' candidates with ``choice.keep``;
+        ``earlier``: the held tokens' previous ``held_scores`` in ``inputs``' layout (see :meth:`_held_view`)."""
         keep = choice.keep
         self.pos_rows = pack_kept(inputs.positions, keep, fill=-1)
         self.pos_count = keep.sum(-1).to("cpu", torch.int64)
@@ -402,7 +409,15 @@ class AdaKVLayer(CacheLayerMixin):
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
         # a choice without scores kept every candidate: the held rows stay in order, their earlier scores apply
         if self.policy.chunk_scores == "max" and choice.scores is not None:
-            self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep), choice.scores)
+            scores = choice.scores
+            if choice.whole is not None and bool(choice.whole.any()):
+                # a sequence that kept everything was not cut: as alone in its batch, it keeps its earlier scores
+                whole = choice.whole.to(keep.device)[:, None, None]
+                if earlier is None:
+                    scores = map_scores(lambda t: t.float().masked_fill(whole, float("-inf")), scores)
+                else:
+                    scores = map_scores(lambda t, e: torch.where(whole, e, t.float()), scores, earlier)
+            self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep), scores)
 
     def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
         """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every
@@ -416,8 +431,9 @@ class AdaKVLayer(CacheLayerMixin):
         choice = self.policy.selection.select(inputs, self.n_real, None)
         if bool((choice.keep == inside).all()):
             return
+        earlier = self._held_view(k_view.shape[2])
         store.replace(k_view, v_view, choice.keep)
-        self._compacted(inputs, choice)
+        self._compacted(inputs, choice, earlier)
 
     def evict_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` ``[B, H, M]`` (row order, over each segment's rows) is True."""

@@ -19,7 +19,7 @@ def generate_chunk_size() -> int | None:
     """``prefill_chunk_size`` when called from inside transformers' chunked prefill in ``generate``, else None.
 
     transformers tells a cache nothing about the chunks of its own prefill loop, so this looks for that loop's
-    frame (``GenerationMixin._prefill`` with its ``input_chunks``). Only called for multi-token forwards.
+    frame (``GenerationMixin._prefill`` with its ``input_chunks``): a few microseconds per forward.
     """
     frame = sys._getframe(1)
     while frame is not None:
@@ -69,7 +69,10 @@ class PromptPhase:
                 "generate from the cache."
             )
         chunk = None
-        if q_len > 1 and not self.explicit:
+        # generate's last prefill chunk may be a single token (a prompt of k * N + 1): a one-token forward is
+        # looked at too, except while torch.compile traces a decode step (frames cannot be walked there, and
+        # transformers compiles decoding only, never its prefill)
+        if not self.explicit and (q_len > 1 or not torch.compiler.is_compiling()):
             chunk = generate_chunk_size()
             if chunk is not None and chunk < window:
                 raise ValueError(

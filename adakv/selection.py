@@ -52,13 +52,15 @@ class Choice:
     ``keep``: bool keep mask; ``raw``: the scorer's scores (its second stage for staged scorers), fp32, or
     None when everything was kept without scoring; ``ranked``: the scores the allocator ranked (+inf where
     kept by rule, -inf at padding), or None likewise; ``scores``: the scorer's whole output (both stages of
-    :class:`~adakv.scorers.StagedScores`), or None likewise.
+    :class:`~adakv.scorers.StagedScores`), or None likewise; ``whole``: bool ``[B]``, the sequences that kept
+    every candidate although others were scored (None: no sequence was scored).
     """
 
     keep: torch.Tensor
     raw: torch.Tensor | None = None
     ranked: torch.Tensor | None = None
     scores: torch.Tensor | StagedScores | None = None
+    whole: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,7 +130,12 @@ class Selection:
         valid = candidates(inputs, lookahead)
         heads, seq = inputs.keys.shape[1], inputs.keys.shape[2]
         per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers, n_final)
-        whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
+        if self.cross_layer:
+            # after a first chunk the layers hold different counts, so one layer's candidates fitting its share
+            # says nothing: the layers still compete. Only a prompt within budget (nothing ever cut) is whole.
+            whole = per_head >= n_seen.to("cpu", torch.int64)
+        else:
+            whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
         if bool(whole.all()):
             return None
         out = self.scorer(inputs) if scores is None else scores
@@ -172,7 +179,7 @@ class Selection:
         else:
             keep = self.allocator(ranking.ranked, ranking.budget)
         keep = torch.where(ranking.whole[:, None, None], valid, keep & valid)
-        return Choice(keep, ranking.raw, ranking.ranked, ranking.scores)
+        return Choice(keep, ranking.raw, ranking.ranked, ranking.scores, ranking.whole)
 
     def _prepare(self, scores: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Check a scorer's output; +inf where tokens must be kept, -inf at padding."""

@@ -16,7 +16,7 @@ from adakv import METHODS, AdaKVCache, ContextScorer, Scorer, compress_context, 
 from adakv.eval.cli import main as bench
 from adakv.layer import AdaKVLayer
 from adakv.prompt import chunk_bounds
-from adakv.scorers import StagedScores
+from adakv.scorers import SnapKV, StagedScores
 
 pytestmark = pytest.mark.fast
 BUDGET, WINDOW, CHUNK, SEQ = 0.25, 4, 30, 110
@@ -185,3 +185,19 @@ def test_chunk_scores_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):  # no --prefill-chunk-size
             bench(["quality", "--model", "smollm2", "--samples", "1", "--out", str(tmp_path), *flags])
         assert "only apply to a chunked prefill" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["latest", "max"])
+def test_a_sequence_keeps_the_same_tokens_alone_or_in_a_batch(mode):
+    """With an int budget, the second (left-padded) sequence keeps everything at the first cut while the first is
+    cut: the first sequence's held tokens must not depend on that (with "max", the uncut sequence used to store
+    scores it would not have had alone, and rank its next cut by them)."""
+    model = tiny_model("llama").double()
+    ids, mask = padded_batch(seq_len=60, pad=9)
+    kwargs = dict(window=4, scorer=SnapKV(kernel_size=1), allocator="uniform", chunk_scores=mode)
+    both, alone = AdaKVCache(model, 16, **kwargs), AdaKVCache(model, 16, **kwargs)
+    prefill_in_chunks(model, both, ids, 24, attention_mask=mask, lookahead=False)
+    prefill_in_chunks(model, alone, ids[:1], 24, attention_mask=mask[:1], lookahead=False)
+    held = lambda layer: [[int(p) for p in seg if p >= 0] for seg in layer._positions(view=False)[0]]  # noqa: E731
+    for a, b in zip(both.layers, alone.layers):
+        assert held(a) == held(b)

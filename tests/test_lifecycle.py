@@ -230,3 +230,42 @@ def test_batch_reordering_moves_every_piece_of_layer_state():
         k_mine, inside = mine.store.view(mine.store.keys)
         k_theirs, _ = theirs.store.view(theirs.store.keys)
         torch.testing.assert_close(k_mine[inside], k_theirs[inside], rtol=1e-4, atol=1e-5)
+
+
+class _LayerBiased(SnapKV):
+    """SnapKV with layer 0's scores scaled far down: the cascade moves its budget to the later layers, so after
+    the first chunk the layers hold very different counts."""
+
+    def __call__(self, inputs):
+        scores = super().__call__(inputs)
+        return scores * (1e-6 if inputs.layer == 0 else 1.0)
+
+
+@pytest.mark.parametrize("budget", [24, 0.5])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_cascade_over_chunks_keeps_the_global_budget(budget, lookahead):
+    """A cross-layer allocator in a chunked prefill: a layer whose held tokens plus the chunk fit its share still
+    competes with the others (it used to skip the cascade, and the next layer refused to run), and after the
+    prompt every sequence holds exactly its global budget over the layers."""
+    layers = 3
+    model = tiny_model("llama", num_hidden_layers=layers)
+    ids, mask = padded_batch(seq_len=150, pad=40)
+    cache = AdaKVCache(model, budget, window=4, scorer=_LayerBiased(), allocator="layer-adaptive")
+    prefill_in_chunks(model, cache, ids, 32, attention_mask=mask, lookahead=lookahead)
+    n = mask.sum(-1)
+    allowed = n.clamp(max=budget) if isinstance(budget, int) else per_head(mask, budget)
+    held = sum(layer.store.lengths().sum(-1) for layer in compressed(cache))
+    assert held.tolist() == (allowed * 2 * layers).tolist()  # 2 KV heads per layer
+    assert min(int(layer.store.lengths().sum()) for layer in compressed(cache)) < int(held.sum()) // (2 * layers)
+
+
+@pytest.mark.parametrize("length", [64, 65, 66])
+def test_a_one_token_last_generate_chunk_is_compressed(length):
+    """generate(prefill_chunk_size=32) on 65 tokens ends its prefill with a one-token chunk: it is a prompt chunk
+    like the others (it used to be appended as if decoded), so the budget is the one-shot budget."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(0))
+    cache = AdaKVCache(model, 0.2, window=4, allocator="uniform")
+    with torch.no_grad():
+        model.generate(ids, **with_cache(cache), max_new_tokens=1, do_sample=False, prefill_chunk_size=32)
+    assert cache.kept_lengths(0).flatten().tolist() == [round(length * 0.2)] * 2
