@@ -138,6 +138,7 @@ class AdaKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
         self.is_initialized = False
+        self.shared.phase.failed = False
 
     # -- attending ------------------------------------------------------------------------------------------------
     def attend(
@@ -154,6 +155,15 @@ class AdaKVLayer(CacheLayerMixin):
         """Attention output ``[B, Q, H_q, D]`` of ``query`` ``[B, H_q, Q, D]`` whose new tokens' K/V are ``keys``/
         ``values`` ``[B, H_kv, Q, D]``; ``valid`` bool ``[B, Q]`` (None: all real); ``dense()`` is the model's
         own attention over the new tokens alone (used for a first prompt chunk)."""
+        try:
+            return self._attend(module, query, keys, values, valid, scaling, softcap, dense)
+        except BaseException:
+            # the layers before this one stored their share of the forward, this one may not have: refuse the
+            # cache until reset rather than attend over layers that disagree
+            self.shared.phase.failed = True
+            raise
+
+    def _attend(self, module, query, keys, values, valid, scaling, softcap, dense) -> torch.Tensor:
         if self.shared.phase.mode == "score":
             return self._scoring_pass(module, query, keys, values, valid, scaling, softcap)
         if self.store is None:

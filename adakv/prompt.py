@@ -55,8 +55,14 @@ class PromptPhase:
         # chunk's budget (Selection.per_head)
         self.final_tokens: torch.Tensor | None = None
         self.unsettled = False  # adakv.score_context ran, adakv.settle_context not yet
+        self.failed = False  # a forward raised inside a compressed layer: the layers may disagree until reset
 
     def begin_forward(self, q_len: int, first: bool, window: int) -> None:
+        if self.failed:
+            raise ValueError(
+                "An earlier forward through this AdaKVCache failed part-way (see its error), so its layers may hold "
+                "different tokens. Call cache.reset() (or build a new AdaKVCache) before using it again."
+            )
         if self.unsettled and self.mode is None:
             raise ValueError(
                 "This cache was scored (adakv.score_context) but not compressed yet: call "

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from adakv import AdaKVCache, with_cache
+from adakv.scorers import KVzip
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,46 @@ def test_model_with_only_sliding_layers_is_refused():
     with pytest.raises(ValueError, match="only sliding-window layers"):
         AdaKVCache(model, budget=0.2)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("decode", ["rescore", "h2o"])
+@pytest.mark.parametrize("normalize", [False, True])  # KVzip, KVzip+
+def test_decode_policies_refuse_context_scorers(model, normalize, decode):
+    """KVzip's scores come from its own passes: a decode policy has no prompt queries to start from (rescore used
+    to crash mid-generation, h2o to start from all-zero scores). Refused when the cache is built."""
+    with pytest.raises(ValueError, match="decode=None"):
+        AdaKVCache(model, 0.2, scorer=KVzip(normalize=normalize), allocator="adakv", decode=decode)
+
+
+def test_constructor_arguments_are_checked():
+    from adakv import CriticalKV, LayerAdaptive, PyramidKV, Uniform
+    from adakv.scorers import Random
+
+    for base in ("kvzip", KVzip(normalize=True), CriticalKV()):
+        with pytest.raises(ValueError, match="base scorer"):
+            CriticalKV(base=base)
+    for heads in ("adakv", LayerAdaptive()):
+        with pytest.raises(TypeError, match="per-layer Allocator"):
+            PyramidKV(heads=heads)
+    assert isinstance(PyramidKV(heads=Uniform()).heads, Uniform)
+    for seed in ("a", 1.5, True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            Random(seed=seed)
+
+
+def test_a_refused_forward_makes_the_cache_refuse_until_reset(model):
+    """A forward refused part-way (right padding) leaves layers that disagree: the next use says to reset (it used
+    to fail with an unrelated shape error), and after reset() the cache works."""
+    ids, mask = padded_batch(seq_len=60, pad=7)
+    right_ids, right_mask = torch.roll(ids, -7, 1), torch.roll(mask, -7, 1)
+    cache = AdaKVCache(model, 0.2, window=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="left padding"):
+            model(right_ids, attention_mask=right_mask, **with_cache(cache))
+        with pytest.raises(ValueError, match=r"cache.reset\(\)"):
+            model(ids, attention_mask=mask, **with_cache(cache))
+        cache.reset()
+        fresh = AdaKVCache(model, 0.2, window=4)
+        for c in (cache, fresh):
+            model(ids, attention_mask=mask, **with_cache(c))
+    assert torch.equal(cache.kept_lengths(0), fresh.kept_lengths(0))

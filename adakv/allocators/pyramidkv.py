@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Allocator
+from .base import Allocator, CrossLayerAllocator
 from .uniform import Uniform
 
 
@@ -32,6 +32,11 @@ class PyramidKV(Allocator):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
             raise ValueError(f"PyramidKV beta must be a number >= 1, got {beta!r}.")
         self.beta = float(beta)
+        if heads is not None and (not isinstance(heads, Allocator) or isinstance(heads, CrossLayerAllocator)):
+            raise TypeError(
+                f"PyramidKV heads must be a per-layer Allocator instance (e.g. adakv.AdaKV(), adakv.Uniform()), got "
+                f"{heads!r}: PyramidKV fixes each layer's budget, so a cross-layer split would be dropped."
+            )
         self.heads = heads if heads is not None else Uniform()
 
     def layer_budget(

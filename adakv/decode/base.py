@@ -42,8 +42,18 @@ class DecodePolicy(ABC):
     name: str = "decode"
 
     def check(self, selection: Selection) -> None:
-        """Refuse, with a ValueError, a selection this policy cannot work with (called when the cache is built)."""
-        return None
+        """Refuse, with a ValueError, a selection this policy cannot work with (called when the cache is built).
+        Overrides call this first: every policy scores from the queries of the prompt's last forward, and a
+        context scorer (KVzip) compresses after passes of its own, with no such queries."""
+        from ..scorers import ContextScorer
+
+        if isinstance(selection.scorer, ContextScorer):
+            raise ValueError(
+                f"decode={self.name!r} re-scores held tokens from the recent queries, but {selection.scorer!r} scores "
+                "a context with its own passes (adakv.compress_context) and has none to start from. Use decode=None "
+                "with it (the context is compressed once; the question and the answer are kept), or a query-based "
+                "scorer (e.g. method='defensivekv') for a bounded generation."
+            )
 
     @abstractmethod
     def start(

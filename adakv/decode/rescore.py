@@ -27,6 +27,7 @@ class Rescore(DecodePolicy):
         self.interval = check_interval(interval, "Rescore interval")
 
     def check(self, selection) -> None:
+        super().check(selection)
         if selection.cross_layer:
             raise ValueError(
                 f"decode='rescore' re-splits each layer's budget on its own; {selection.allocator!r} splits one "

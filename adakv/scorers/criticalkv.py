@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ScoreInputs, Scorer, StagedScores
+from .base import ContextScorer, ScoreInputs, Scorer, StagedScores
 
 # Elements of one chunk of v W_O products ([B, G, chunk, D]).
 CHUNK_ELEMENTS = 1 << 24
@@ -77,6 +77,11 @@ class CriticalKV(Scorer):
         if not isinstance(eps, (int, float)) or eps < 0:
             raise ValueError(f"CriticalKV eps must be >= 0, got {eps!r}.")
         self.base = get_scorer(base)
+        if isinstance(self.base, (ContextScorer, CriticalKV)):
+            raise ValueError(
+                f"CriticalKV needs a base scorer that scores from the prompt's queries (snapkv, h2o, ...), not "
+                f"{self.base!r}: a context scorer's passes or another two-stage scorer cannot run inside it."
+            )
         self.first_stage = float(first_stage)
         self.eps = float(eps)
 

@@ -13,6 +13,8 @@ class Random(Scorer):
     name = "random"
 
     def __init__(self, seed: int = 0):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Random seed must be an int, got {seed!r}.")
         self.seed = seed
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
