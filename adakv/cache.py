@@ -180,6 +180,8 @@ class AdaKVCache(Cache):
         policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve, chunk_scores)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
+        if prefill_attention is not None:
+            prefill_attention.check_model(model_obj if model_obj is not None else config)
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         unsupported = sorted(set(layer_types) - {"full_attention", *STOCK_LAYER_TYPES})

@@ -172,13 +172,17 @@ class CritiPrefill(PrefillAttention):
         return getattr(getattr(module, "config", None), "num_hidden_layers", None)
 
     def check_model(self, model: nn.Module) -> None:
-        """ValueError if ``layer_skip`` leaves no sparse layer in ``model``."""
-        n = self.num_layers or getattr(getattr(model, "config", None), "num_hidden_layers", None)
-        if n is None:
-            text = getattr(getattr(model, "config", None), "get_text_config", None)
-            n = getattr(text(), "num_hidden_layers", None) if text else None
+        """ValueError if ``layer_skip`` leaves no sparse layer in ``model``, or the Triton backend cannot run on
+        its device (called by :func:`sparse_prefill` and when an AdaKVCache is built with this policy)."""
+        config = getattr(model, "config", model)  # a model, or its config (AdaKVCache accepts either)
+        n = self.num_layers or getattr(config, "num_hidden_layers", None)
+        if n is None and hasattr(config, "get_text_config"):
+            n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         if n is not None and self.layer_skip >= n:
             raise ValueError(f"CritiPrefill: layer_skip={self.layer_skip} leaves no sparse layer in a {n}-layer model")
+        device = getattr(model, "device", None)
+        if self.backend == "triton" and isinstance(device, torch.device):
+            self.kernel(torch.empty(0, device=device))  # refuses a CPU model without TRITON_INTERPRET=1
 
     def sparse_possible(self, q_len: int, k_len: int) -> bool:
         """Whether any segment of a ``q_len``-query forward over ``k_len`` keys can be sparse (shapes only).

@@ -15,9 +15,11 @@ import torch
 from transformers import DynamicCache
 
 from . import AdaKVCache, kv_bytes
+from .allocators import get_allocator
 from .cache_kwarg import with_cache
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
+from .scorers import ContextScorer, get_scorer
 from .selection import check_budget
 
 
@@ -60,6 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--question-agnostic", action="store_true", help="compress the document before the question")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    try:  # every option checked before the model loads and the baseline runs
+        scorer, allocator = get_scorer(args.scorer), get_allocator(args.allocator)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    if isinstance(scorer, ContextScorer):
+        parser.error(
+            f"--scorer {args.scorer}: a context scorer compresses with adakv.compress_context, which this demo does "
+            "not run; see the README section "Compress once, answer anything: KVzip", or adakv-bench quality --methods kvzip."
+        )
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     full_text, full_time, full_new = answer(
         model, tokenizer, sample, full_cache, args.question_agnostic, args.max_new_tokens
     )
-    ada = AdaKVCache(model, budget=args.budget, scorer=args.scorer, allocator=args.allocator)
+    ada = AdaKVCache(model, budget=args.budget, scorer=scorer, allocator=allocator)
     ada_text, ada_time, ada_new = answer(model, tokenizer, sample, ada, args.question_agnostic, args.max_new_tokens)
 
     full_bytes, ada_bytes = kv_bytes(full_cache), kv_bytes(ada)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from .prompt import PromptPhase
 from .scorers import ContextScorer
 from .selection import Selection
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 
 class PrefillAttention(ABC):
     """A policy that computes a layer's attention over its first prompt chunk (instead of the model's dense
@@ -22,6 +26,11 @@ class PrefillAttention(ABC):
     def applies(self, module: nn.Module, q_len: int, k_len: int) -> bool:
         """Whether :meth:`attention` replaces the model's own attention for this layer and shape (else dense)."""
         return True
+
+    def check_model(self, model: nn.Module | PretrainedConfig) -> None:
+        """Refuse, with a ValueError, a model (or config) this policy cannot work with (called when the cache is
+        built, before any work)."""
+        return None
 
     @abstractmethod
     def attention(
