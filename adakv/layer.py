@@ -193,6 +193,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.n_real = valid.sum(-1).to("cpu", torch.int64) - probe
         heads = keys.shape[1]
         positions = (torch.cumsum(valid.long(), -1) - 1).masked_fill(~valid, -1)[:, None].expand(-1, heads, -1)
+        positions = self._with_probe_positions(positions, probe)
         valid_heads = valid[:, None].expand(-1, heads, -1)
         inputs = self._inputs(query, keys, values, valid_heads, positions, scaling, softcap, module)
         if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
@@ -215,8 +216,9 @@ class AdaKVLayer(CacheLayerMixin):
         store = self.store
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
-        inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), scaling, softcap, module)
         probe = self._forget_probe()
+        positions = self._with_probe_positions(self._positions(view=True), probe)
+        inputs = self._inputs(query, k_view, v_view, inside, positions, scaling, softcap, module)
         if probe:
             self.n_real = self.n_real - probe
         scores = fresh = None
@@ -244,6 +246,14 @@ class AdaKVLayer(CacheLayerMixin):
         if self.held_scores is None:
             return None
         return map_scores(lambda t: self.store.rows_to_view(t, float("-inf"), width), self.held_scores)
+
+    def _with_probe_positions(self, positions: torch.Tensor, probe: int) -> torch.Tensor:
+        """``positions`` ``[B, H, L]`` (right-aligned) with the last ``probe`` columns at the probe tokens' own
+        positions (the prompt's last ones, where the model rotated them), not after the chunk."""
+        if not probe:
+            return positions
+        own = self.shared.phase.probe_positions.to(positions.device)[:, None, :].expand(-1, positions.shape[1], -1)
+        return torch.cat([positions[..., :-probe], own], -1)
 
     def _forget_probe(self) -> int:
         """Tokens at the end of this prompt chunk that are a lookahead probe (:func:`adakv.prefill_in_chunks`):

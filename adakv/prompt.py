@@ -51,6 +51,7 @@ class PromptPhase:
         self.hidden: dict[int, torch.Tensor] = {}  # attention modules' inputs during a pass, by id(module)
         # set by prefill_in_chunks: the last this many tokens of the forward are a probe (see there)
         self.lookahead = 0
+        self.probe_positions: torch.Tensor | None = None  # [B, lookahead]: the probe tokens' own positions
         # set by prefill_in_chunks: real tokens [B] (host int64) each prompt has in all, which sizes every
         # chunk's budget (Selection.per_head)
         self.final_tokens: torch.Tensor | None = None
@@ -209,10 +210,12 @@ def prefill_in_chunks(
                 if attention_mask is not None or ahead:
                     kwargs["attention_mask"] = chunk_mask
                 phase.lookahead = ahead
+                phase.probe_positions = positions[:, -ahead:] if ahead else None
                 with _stock_layers_skip_probe(cache, ahead) if ahead else nullcontext():
                     out = model(ids, **with_cache(cache), use_cache=True, **kwargs)
                 logits = out.logits[:, -1]
     finally:  # the prompt is in (or failed): later forwards (a question, decoding) are neither probed nor sized
         phase.lookahead = 0  # for the whole prompt
+        phase.probe_positions = None
         phase.final_tokens = None
     return logits

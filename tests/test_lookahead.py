@@ -30,10 +30,12 @@ class Recorder(SnapKV):
         super().__init__()
         self.layer_idx = layer_idx
         self.calls: list[tuple[torch.Tensor, int]] = []
+        self.positions: list[torch.Tensor] = []
 
     def __call__(self, inputs):
         if inputs.module.layer_idx == self.layer_idx:
             self.calls.append((inputs.queries.clone(), inputs.keys.shape[2]))
+            self.positions.append(inputs.positions.clone())
         return super().__call__(inputs)
 
 
@@ -91,6 +93,11 @@ def test_every_chunk_is_scored_from_the_prompts_final_window():
     assert len(chunk_scorer.calls) == 4  # chunks [0,32) [32,64) [64,92) [92,100)
     for queries, _ in chunk_scorer.calls:
         torch.testing.assert_close(queries[:, :, -window:], final, atol=1e-5, rtol=1e-4)
+    # the scorer is told the probe's own positions (where RoPE put it), like the one-shot window's
+    final_positions = one_scorer.positions[0][..., -window:]
+    assert final_positions[0, 0].tolist() == list(range(100 - 10 - window, 100 - 10))
+    for chunk_positions in chunk_scorer.positions:
+        assert torch.equal(chunk_positions[..., -window:], final_positions)
     plain = Recorder(0)
     prefill_in_chunks(
         model, AdaKVCache(model, 0.3, scorer=plain, window=window), ids, 32, attention_mask=mask, lookahead=False
