@@ -66,7 +66,7 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
         held = STATE["held"][l]  # [H, ctx] bool
         bias[:, :ctx] = torch.where(held, 0.0, -math.inf)
     k, v = key[0], value[0]
-    if masked and variant["bin"] != "off":
+    if masked and variant["bin"] != "off" and variant["summ_layers"](l):
         if l not in STATE["summ"]:
             STATE["summ"][l] = summaries(k, v, STATE["held"][l], ctx, variant["bin"])
         ks, vs, sb = STATE["summ"][l]
@@ -88,20 +88,26 @@ AttentionMaskInterface.register("merge_sim", eager_mask)
 
 
 def variant_spec(name: str, n_layers: int) -> dict:
-    """none | meanall | binN (summaries), optionally suffixed @lo-hi: only layers lo..hi-1 compressed."""
+    """none | meanall | binN (summaries), optionally suffixed @lo-hi: only layers lo..hi-1 compressed, and/or
+    ~lo-hi: summaries only in layers lo..hi-1 (every compressed layer masks its evicted tokens)."""
     layers = lambda l: True  # noqa: E731
+    summ_layers = lambda l: True  # noqa: E731
+    if "~" in name:
+        name, rng = name.split("~")
+        lo, hi = (int(x) for x in rng.split("-"))
+        summ_layers = lambda l, lo=lo, hi=hi: lo <= l < hi  # noqa: E731
     if "@" in name:
         name, rng = name.split("@")
         lo, hi = (int(x) for x in rng.split("-"))
         layers = lambda l, lo=lo, hi=hi: lo <= l < hi  # noqa: E731
     if name == "full":
-        return {"layers": lambda l: False, "bin": "off"}
+        return {"layers": lambda l: False, "bin": "off", "summ_layers": summ_layers}
     if name == "none":
-        return {"layers": layers, "bin": "off"}
+        return {"layers": layers, "bin": "off", "summ_layers": summ_layers}
     if name == "meanall":
-        return {"layers": layers, "bin": None}
+        return {"layers": layers, "bin": None, "summ_layers": summ_layers}
     if name.startswith("bin"):
-        return {"layers": layers, "bin": int(name[3:])}
+        return {"layers": layers, "bin": int(name[3:]), "summ_layers": summ_layers}
     raise ValueError(name)
 
 
@@ -114,6 +120,9 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["none", "meanall", "bin64"])
     ap.add_argument("--plain", action="store_true", help="KVzip without kvzip+'s normalization")
     ap.add_argument("--value-only", action="store_true", help="kvzip+'s ||W_O v|| weight without the 1 / ||h||")
+    ap.add_argument(
+        "--layer-norm", action="store_true", help="each layer's scores divided by their mean before the global cut"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.value_only and args.plain:
@@ -134,6 +143,15 @@ def main():
                 scorer.observe = lambda seen, scores: observe(
                     dataclasses.replace(seen, hidden_states=torch.ones_like(seen.hidden_states)), scores
                 )
+            if args.layer_norm:  # a layer's scores on a common scale: its mean over the held tokens (sinks stay inf)
+                finalize = scorer.finalize
+
+                def layer_normalized(scores, inputs, finalize=finalize):
+                    valid = inputs.valid & (inputs.positions >= scorer.sinks)
+                    mean = (scores * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp(min=1)
+                    return finalize(scores / mean.clamp(min=1e-30), inputs)
+
+                scorer.finalize = layer_normalized
             cache = AdaKVCache(
                 model,
                 args.budget,
@@ -166,6 +184,8 @@ def main():
                     text = _answer(model, tok, copy.deepcopy(dense), qenc.full_ids, None, q.max_new_tokens)
                     rec = {"sample": si, "question": qi, "variant": name, "score": score(q, text), "text": text}
                     rec.update(budget=args.budget, alpha=args.alpha, plain=args.plain, value_only=args.value_only)
+                    if args.layer_norm:
+                        rec["layer_norm"] = True
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
             model.set_attn_implementation("sdpa")
