@@ -104,6 +104,14 @@ def implementation_for(config: PretrainedConfig) -> str:
     if is_active(config):
         return current
     base = "sdpa" if current in (None, "sdpa") else current
+    from .critiprefill import PREFIX as SPARSE  # critiprefill imports this module
+
+    if isinstance(current, str) and current.startswith(SPARSE):
+        raise ValueError(
+            "This model is inside adakv.sparse_prefill(...), which is for caches without eviction. For CritiPrefill "
+            "with an AdaKVCache, build the cache outside that block with "
+            "AdaKVCache(model, ..., prefill_attention=adakv.CritiPrefill(...))."
+        )
     if base not in BASES:
         raise ValueError(
             f"AdaKVCache works over 'sdpa' or 'eager' attention; this model uses {current!r}. "

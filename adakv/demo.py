@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(scorer, ContextScorer):
         parser.error(
             f"--scorer {args.scorer}: a context scorer compresses with adakv.compress_context, which this demo does "
-            "not run; see the README section "Compress once, answer anything: KVzip", or adakv-bench quality --methods kvzip."
+            "not run; see the README section 'Compress once, answer anything: KVzip', or adakv-bench quality "
+            "--methods kvzip."
         )
 
     torch.manual_seed(0)

@@ -166,7 +166,8 @@ def prefill_in_chunks(
     The last chunk holds at least ``window`` tokens (taken from the one before it). Returns the logits of
     the last position ``[B, vocab]``. Afterwards the cache is an ordinary compressed cache:
     ``model.generate(full_ids, past_key_values=cache)`` appends the question and decodes (the question is
-    not evicted, unless the cache has a decode policy: see README). ``attention_mask`` (left padding) covers ``input_ids``.
+    not evicted, unless the cache has a decode policy: see README). ``attention_mask`` (left padding) covers
+    ``input_ids``.
     """
     window = cache.policy.selection.window
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < window:

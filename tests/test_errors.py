@@ -166,3 +166,11 @@ def test_a_refused_forward_makes_the_cache_refuse_until_reset(model):
         for c in (cache, fresh):
             model(ids, attention_mask=mask, **with_cache(c))
     assert torch.equal(cache.kept_lengths(0), fresh.kept_lengths(0))
+
+
+def test_a_cache_built_inside_sparse_prefill_is_pointed_to_prefill_attention():
+    from adakv import sparse_prefill
+
+    model = tiny_model("llama")  # not the shared one: an AdaKVCache made earlier activated adakv's attention there
+    with sparse_prefill(model, layer_skip=0), pytest.raises(ValueError, match="prefill_attention=adakv.CritiPrefill"):
+        AdaKVCache(model, 0.2)
