@@ -35,7 +35,7 @@ mkdir -p "$results"
 
 env_report() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-    $py - <<'EOF'
+    $py -P - <<'EOF'
 import importlib, inspect, platform, sys
 import torch, transformers, adakv
 print("python", platform.python_version(), sys.executable)
