@@ -52,7 +52,7 @@ def _ragged_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    seg = tl.program_id(0)
+    seg = tl.program_id(0).to(tl.int64)  # offsets below are products of it: int64 past 2^31 elements
     row_block = tl.program_id(1)
     split = tl.program_id(2)
     seg_start = tl.load(start_ptr + seg)
@@ -105,7 +105,7 @@ def _merge_splits_kernel(
     acc_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
 ):
     """Log-sum-exp merge of one (segment, row)'s splits; splits that saw nothing carry m = -inf, l = 0."""
-    seg = tl.program_id(0)
+    seg = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     s_ok = splits < n_splits

@@ -116,7 +116,7 @@ def _append_kernel(
 ):
     """Segment (b, h) receives its new tokens right after its current ones: all index math in the kernel,
     so a decoding step costs one launch. ``rank[b, q]`` (with padding) is the slot of token q, -1 = skip."""
-    seg = tl.program_id(0)
+    seg = tl.program_id(0).to(tl.int64)  # b * stride_b can pass 2^31 for a long chunk of a large batch
     b = seg // heads
     h = seg % heads
     qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -130,8 +130,9 @@ def _append_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = q_ok[:, None] & (cols[None, :] < dim)
     dst = (base + rank)[:, None] * dim + cols[None, :]
-    k = tl.load(new_k + b * k_stride_b + h * k_stride_h + qs[:, None] * k_stride_q + cols[None, :], mask=mask)
-    v = tl.load(new_v + b * v_stride_b + h * v_stride_h + qs[:, None] * v_stride_q + cols[None, :], mask=mask)
+    q64 = qs[:, None].to(tl.int64)
+    k = tl.load(new_k + b * k_stride_b + h * k_stride_h + q64 * k_stride_q + cols[None, :], mask=mask)
+    v = tl.load(new_v + b * v_stride_b + h * v_stride_h + q64 * v_stride_q + cols[None, :], mask=mask)
     tl.store(k_buf + dst, k, mask=mask)
     tl.store(v_buf + dst, v, mask=mask)
 
