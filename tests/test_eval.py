@@ -303,10 +303,18 @@ def test_needle_depths(tok):
         (["--budgets", "1.5"], r"\(0, 1\]"),
         (["--critiprefill", "segment_size"], r"--critiprefill takes KEY=VALUE items"),
         (["--critiprefill", "block_size=24", "segment_size=512"], r"--critiprefill: .*multiple of block_size"),
+        (["--tasks", "niah_multikey", "--depths", "0.5"], r"--depths places niah_single's needle"),
+        (["--tasks", "qa", "--digits", "3"], r"--digits sets the values of the niah_\* tasks"),
+        (
+            ["--methods", "kvzip", "--critiprefill"],
+            r"--critiprefill is not combined with the context scorers \(kvzip\)",
+        ),
+        (["speed", "--methods", "ada-snapkv", "kvzip+"], r"the context scorers \(kvzip\+\)"),
     ],
 )
 def test_cli_bad_input_is_refused_before_any_work(tiny_dir, tmp_path, capsys, args, match):
-    argv = ["quality", "--model", tiny_dir, *args, "--out", str(tmp_path / "out")]
+    kind, args = (args[0], args[1:]) if args[0] == "speed" else ("quality", args)
+    argv = [kind, "--model", tiny_dir, *args, "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

@@ -34,9 +34,10 @@ from typing import Any, NoReturn
 import torch
 import transformers
 
-from ..methods import METHODS
+from ..methods import METHODS, get_method
 from ..models import MODELS, default_cache_dir
 from ..models import load_model as load_registered
+from ..scorers import ContextScorer
 from ..selection import check_budget
 from .report import _meta, _write
 from .runners import run_fidelity, run_quality
@@ -333,6 +334,24 @@ def _validate(args: argparse.Namespace) -> None:
     depths = getattr(args, "depths", None) or []
     if any(not 0.0 <= d <= 1.0 for d in depths):
         _fail(f"--depths must lie in [0, 1], got {depths}.")
+    tasks_given = getattr(args, "tasks", [])
+    if depths and "niah_single" not in tasks_given:
+        _fail("--depths places niah_single's needle; add --tasks niah_single (other tasks place theirs at random).")
+    if getattr(args, "digits", None) is not None and not any(
+        t.startswith("niah") or t == "variable_tracking" for t in tasks_given
+    ):
+        _fail("--digits sets the values of the niah_* tasks and variable_tracking; none of them is in --tasks.")
+    context_methods = [m for m in args.methods if isinstance(get_method(m)[0], ContextScorer)]
+    if context_methods and args.kind == "speed":
+        _fail(
+            f"adakv-bench speed times one prefill and decoding; the context scorers ({', '.join(context_methods)}) "
+            "compress with extra passes (adakv.compress_context): python benchmarks/lifecycle.py context measures them."
+        )
+    if context_methods and getattr(args, "critiprefill", None) is not None:
+        _fail(
+            f"--critiprefill is not combined with the context scorers ({', '.join(context_methods)}) in the harness: "
+            "adakv.compress_context's prefill gives no logits to score the first token from."
+        )
     chunk = getattr(args, "prefill_chunk_size", None)
     if chunk is not None and chunk < args.window:
         _fail(f"--prefill-chunk-size must be >= --window ({args.window}), got {chunk}.")
