@@ -7,7 +7,8 @@ Each DIR holds a results.json; several DIRs under one name are merged (later one
 one row per (task, length, mode, method, budget) cell of the first variant, each variant's score and its
 difference from the baseline, then per variant: cells within the tolerance of the baseline, cells better,
 cells worse, and the mean difference over the cells. Cells where the full cache scores 0 (nothing to lose)
-are listed but left out of the summary."""
+are listed but left out of the summary. Runs whose samples differ (model, dtype, samples, seed, digits, haystack,
+window or depths, as their results.json records them) are refused."""
 
 from __future__ import annotations
 
@@ -18,10 +19,26 @@ from pathlib import Path
 Cell = tuple[str, int, str, str, float]
 
 
-def load(dirs: list[str]) -> dict[Cell, float]:
+# what must agree between compared runs for their cells to hold the same prompts (absent in a run: not checked)
+SAME = ("model", "dtype", "samples", "seed", "digits", "haystack", "window", "depths")
+
+
+def load(dirs: list[str], setup: dict[str, tuple[str, object]]) -> dict[Cell, float]:
+    """Scores by cell; ``setup`` collects each SAME argument's first value (and its run) and refuses a mismatch."""
     scores: dict[Cell, float] = {}
     for d in dirs:
-        for row in json.loads((Path(d) / "results.json").read_text())["rows"]:
+        data = json.loads((Path(d) / "results.json").read_text())
+        given = data.get("meta", {}).get("args", {})
+        for key in SAME:
+            if key not in given:
+                continue
+            first = setup.setdefault(key, (d, given[key]))
+            if first[1] != given[key]:
+                raise SystemExit(
+                    f"{d} was run with {key}={given[key]!r} but {first[0]} with {key}={first[1]!r}: their cells do "
+                    "not hold the same prompts."
+                )
+        for row in data["rows"]:
             scores[(row["task"], row["length"], row["mode"], row["method"], row["budget"])] = row["score"]
     return scores
 
@@ -40,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args(argv)
     base_name, base_dirs = named(args.baseline)
-    base = load(base_dirs)
-    variants = [(name, load(dirs)) for name, dirs in map(named, args.variant)]
+    setup: dict[str, tuple[str, object]] = {}
+    base = load(base_dirs, setup)
+    variants = [(name, load(dirs, setup)) for name, dirs in map(named, args.variant)]
     cells = sorted(variants[0][1], key=lambda c: (c[2], c[0], c[1], c[3] != "full", c[3], c[4]))
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     head = ["task", "length", "mode", "method", "budget", base_name]
