@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .allocators import Allocator, CrossLayerAllocator
+from .allocators.base import topk_mask
 from .scorers import ScoreInputs, Scorer, StagedScores
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Ranking:
     budget: torch.Tensor
     whole: torch.Tensor
     scores: torch.Tensor | StagedScores
+    head_budgets: torch.Tensor | None = None  # [B, H]: fixed per-head totals (a staged scorer's second stage)
 
 
 class Selection:
@@ -144,13 +146,22 @@ class Selection:
         from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
         protected = (from_end[None, :] < protect[:, None])[:, None, :]  # right-aligned: the window is the tail
         budget = per_head.to(valid.device)
+        head_budgets = None
         if isinstance(out, StagedScores):
             first = self._prepare(out.first, protected, valid)
-            # the first stage chooses its fraction of the budget left after the window, as in the paper's code
-            stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
-            protected = protected | self.allocator(first, stage1)
+            if self.cross_layer:  # the layers compete for the second stage: the first keeps its share per layer
+                stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
+                protected = protected | self.allocator(first, stage1)
+            else:
+                # as CriticalKV's code (CriticalAdaKVPress): the allocator sets each head's total once, from the
+                # first-stage (base) scores; each head keeps floor(first_fraction x its total) by them (the window,
+                # at +inf, inside), then fills its own total by the second-stage scores; heads do not compete again
+                head_budgets = self.allocator(first, budget).sum(-1)
+                stage1 = torch.floor(head_budgets.double() * out.first_fraction).long()
+                protected = protected | head_topk(first, stage1)
         raw = raw_scores(out)
-        return Ranking(self._prepare(raw, protected, valid), raw, budget, whole.to(valid.device), out)
+        ranked = self._prepare(raw, protected, valid)
+        return Ranking(ranked, raw, budget, whole.to(valid.device), out, head_budgets)
 
     def select(
         self,
@@ -176,6 +187,8 @@ class Selection:
             return Choice(valid.clone())
         if cascade is not None:
             keep = cascade.compete(inputs.layer, ranking.ranked, ranking.budget, ranking.whole)
+        elif ranking.head_budgets is not None:
+            keep = head_topk(ranking.ranked, ranking.head_budgets)
         else:
             keep = self.allocator(ranking.ranked, ranking.budget)
         keep = torch.where(ranking.whole[:, None, None], valid, keep & valid)
@@ -197,6 +210,12 @@ class Selection:
             f"Selection(budget={self.budget}, scorer={self.scorer!r}, allocator={self.allocator!r}, "
             f"window={self.window})"
         )
+
+
+def head_topk(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep mask of the ``k[b, h]`` best of each (sequence, head)'s ``scores`` ``[B, H, L]``."""
+    bsz, heads, seq = scores.shape
+    return topk_mask(scores.reshape(bsz * heads, seq), k.reshape(-1)).reshape(bsz, heads, seq)
 
 
 def candidates(inputs: ScoreInputs, lookahead: int) -> torch.Tensor:
