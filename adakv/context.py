@@ -8,7 +8,7 @@ import torch
 
 from .cache_kwarg import with_cache
 from .layer import AdaKVLayer
-from .prompt import prefill_in_chunks
+from .prompt import mask_positions, prefill_in_chunks
 from .scorers import ContextScorer
 from .selection import Choice, Selection
 
@@ -41,7 +41,14 @@ def compress_context(
         _check_context(cache, context_ids, attention_mask)
         mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
         if chunk_size is None:
-            model(context_ids, attention_mask=mask, **with_cache(cache), use_cache=True, logits_to_keep=1)
+            model(
+                context_ids,
+                attention_mask=mask,
+                position_ids=mask_positions(mask),
+                **with_cache(cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         else:
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
         return
@@ -92,8 +99,15 @@ def score_context(
     hooks = []
     try:
         phase.mode = "hold"
-        if chunk_size is None:
-            model(context_ids, attention_mask=mask, **with_cache(cache), use_cache=True, logits_to_keep=1)
+        if chunk_size is None:  # the passes and a later question continue the real tokens' positions
+            model(
+                context_ids,
+                attention_mask=mask,
+                position_ids=mask_positions(mask),
+                **with_cache(cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         else:  # held whole: nothing is selected until the passes ran, so no lookahead
             prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=False)
         stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}

@@ -101,6 +101,12 @@ def compressing(cache: AdaKVCache) -> Iterator[AdaKVCache]:
         phase.explicit -= 1
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as generate() gives them, counted over real tokens (padding 0), so that a question
+    appended later continues them; a bare forward would count the padding too."""
+    return (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
+
+
 def chunk_bounds(length: int, chunk_size: int, window: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` of each chunk: ``chunk_size`` tokens each, except that the last one takes at least
     ``window`` tokens (from the one before it), so the prompt's final selection sees a whole observation window."""
@@ -187,8 +193,7 @@ def prefill_in_chunks(
     length = input_ids.shape[1]
     bounds = chunk_bounds(length, chunk_size, window)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    # positions as generate() gives them: counted over real tokens, so a later question continues them
-    positions = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     probe = window if lookahead and len(bounds) > 1 else 0
     if probe and not bool(mask[:, -probe:].all()):
         raise ValueError(

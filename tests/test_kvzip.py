@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import adakv.layer
 from adakv import AdaKVCache, KVzip, compress_context, score_context, settle_context, with_cache
 from adakv.layer import AdaKVLayer
+from adakv.prompt import mask_positions
 
 pytestmark = pytest.mark.fast
 RECORDED: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -143,7 +144,7 @@ def test_kvzip_batch_padding_global_budget_and_restored_stock_layers(family, nor
     compress_context(model, cache, ids, attention_mask=mask, tokenizer=ToyTokenizer())
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, **with_cache(reference))
+        model(ids, attention_mask=mask, position_ids=mask_positions(mask), **with_cache(reference))
     layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
     heads = model.config.num_key_value_heads
     per_head = torch.floor(mask.sum(-1) * 0.3 + 0.5).long()
@@ -202,3 +203,23 @@ def test_score_once_settle_many_budgets(method):
             settle_context(model, settled)
     with pytest.raises(ValueError, match="score_context runs a ContextScorer's passes"):
         score_context(model, AdaKVCache(model, 0.5), ids, attention_mask=mask, tokenizer=tok)
+
+
+def test_a_padded_sequence_is_scored_as_alone():
+    """The context prefill counts positions over real tokens (as generate and the passes do): a left-padded
+    sequence's reconstruction scores equal its scores alone (its passes used to start `pad` positions early)."""
+    from adakv import KVzip, score_context
+
+    model = tiny_model("llama", num_hidden_layers=2, rope_theta=10.0)
+    length, pad = 60, 10
+    ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :pad], mask[0, :pad] = 0, 0
+
+    def scores(i, m):
+        cache = AdaKVCache(model, 0.3, scorer=KVzip(), allocator="uniform")
+        score_context(model, cache, i, attention_mask=m, tokenizer=ToyTokenizer())
+        return [layer.context_scores[0] for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+
+    for both, alone in zip(scores(ids, mask), scores(ids[:1, pad:], mask[:1, pad:])):
+        torch.testing.assert_close(both[:, : length - pad], alone, atol=1e-6, rtol=1e-5)

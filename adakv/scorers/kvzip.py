@@ -189,7 +189,9 @@ def _assistant_header(tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         return "\n"
     marker = "@@adakv-marker@@"
+    # enable_thinking=False: a thinking model's (Qwen3) answer opens with an empty think block, as in KVzip's and
+    # kvpress's templates; other templates ignore the variable
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False, enable_thinking=False
     )
     return text[text.index(marker) + len(marker) :]
