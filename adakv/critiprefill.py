@@ -41,6 +41,8 @@ Deviations from the official code (which is Llama-only, batch 1, flash-attn, a p
 - With a prefix already in the cache (``L_k > L_q``: a chunk, or a question appended to a cached
   context) the queries are the last ``L_q`` positions and attend to selected blocks of the prefix too.
 - Decode steps and prompts too short for any segment to be sparse run dense attention.
+- With ``layer_skip=0`` the fusion chain starts at layer 0 (layer 1 fuses with it); the code restarts it at
+  layer 1. The default ``layer_skip=1`` is the same in both.
 - One Triton launch computes every segment (gathering the selected blocks inside the kernel) where the code
   loops over segments in Python, gathers K/V with ``torch.gather`` and calls flash-attn per segment.
 

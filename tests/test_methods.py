@@ -172,8 +172,13 @@ def test_pyramidkv_budgets_decrease_and_average():
     # b = 32: top = 8 + 32/4 = 16, bottom = 8 + 64 - 8 = 64, linear in between
     assert per_layer == [64, 52, 40, 28, 16]
     assert sum(per_layer) / 5 == 40
-    capped = [int(pyr.layer_budget(torch.tensor([40]), torch.tensor([50]), layer, 5, window=8)) for layer in range(5)]
-    assert capped[0] == 50 and capped == sorted(capped, reverse=True)
+    # a prompt shorter than 2b = 64 tokens: the same budget in every layer (the official code's fallback)
+    short = [int(pyr.layer_budget(torch.tensor([40]), torch.tensor([50]), layer, 5, window=8)) for layer in range(5)]
+    assert short == [40] * 5
+    # just above it the bottom layer (8 + 64 - 1.6 = 70.4) is capped at the prompt (66)
+    flat = PyramidKV(beta=20)
+    capped = [int(flat.layer_budget(torch.tensor([40]), torch.tensor([66]), layer, 5, window=8)) for layer in range(5)]
+    assert capped[0] == 66 and capped == sorted(capped, reverse=True) and sum(capped) == 200
     with pytest.raises(ValueError, match="beta"):
         PyramidKV(beta=0.5)
 

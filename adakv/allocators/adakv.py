@@ -21,6 +21,11 @@ class AdaKV(Allocator):
     Args:
         alpha: safeguard fraction in [0, 1]; 0.2 as in the paper's code
             (alpha = 0 lets a head lose everything and is unstable).
+
+    The safeguard follows the authors' kvpress implementation (AdaKVPress: floor(alpha * B) per head, the window
+    inside it, then a joint top-k). Their earlier repository (FFY0/AdaKV) mixes instead:
+    B_h = round((1 - alpha) * B_h^ada + alpha * (B - w)), which protects alpha * (B - w) tokens outside the
+    window; with w = 32 and B <= 160 the kvpress form protects nothing beyond the window.
     """
 
     name = "adakv"

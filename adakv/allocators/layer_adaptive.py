@@ -26,7 +26,8 @@ class LayerAdaptive(CrossLayerAllocator):
 
     Cascading differs from the one-shot top-k only when later layers score lower
     than earlier ones: a token evicted early cannot come back. Window tokens are
-    kept in every layer (they score +inf).
+    kept in every layer (they score +inf); a deviation: the official code gives them their layer's maximum
+    score, so a layer that scores low everywhere can lose window tokens to the global top-k.
 
     Args:
         alpha: safeguard fraction in [0, 1] (adakv's addition; 0, the published method, by default): every

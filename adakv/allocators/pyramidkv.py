@@ -18,7 +18,8 @@ class PyramidKV(Allocator):
     the bottom layer gets b_max = 2b - b_min and the top one b_min = b / beta
     (b_max capped at the prompt length, b_min raised to match); layer l gets
     w + b_max - l * (b_max - b_min) / (n - 1), so the average over
-    layers stays B exactly (per-layer rounding is carried over). Inside a layer, ``heads`` allocates
+    layers stays B exactly (per-layer rounding is carried over). A prompt of fewer than 2b tokens gets B in
+    every layer, as in the official code (KVCache-Factory). Inside a layer, ``heads`` allocates
     (uniform in the paper; ``PyramidKV(AdaKV())`` is the head-adaptive variant).
 
     Args:
@@ -55,7 +56,9 @@ class PyramidKV(Allocator):
             return torch.floor(n * (win + high) - step * n * (n - 1) / 2 + 0.5).long()
 
         # differences of rounded cumulative sums: every layer within 1 of its share, total exact
-        return cumulative(layer + 1) - cumulative(layer)
+        pyramid = cumulative(layer + 1) - cumulative(layer)
+        # as the official code (KVCache-Factory): a prompt shorter than 2 (B - w) has no room for a pyramid
+        return torch.where(n_valid < 2 * (budget - win), budget, pyramid)
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         return self.heads(scores, budget)

@@ -23,6 +23,10 @@ class H2O(Scorer):
     log-sum-exp over all keys, and the column sums of exp(logit - lse) are
     accumulated, so no L x L matrix ever exists (memory ~ block x L per head).
 
+    Deviation: the official code keeps a separate recent set (``recent_ratio``, half of the budget in its
+    examples) besides the heavy hitters; here the recent set is the cache's observation window (``window``,
+    32 by default) and the rest of the budget goes to the heavy hitters. ``window=`` sets the recent share.
+
     H2O's decoding policy (accumulating decoded queries' attention and evicting as the
     generation grows) is a decode policy of the cache: ``AdaKVCache(..., decode="h2o")``
     (:mod:`adakv.decode.h2o`).

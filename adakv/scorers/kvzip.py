@@ -50,7 +50,10 @@ class KVzip(ContextScorer):
     The softmax runs in fp32 (the official code in the model's dtype). Pass prompts are tokenized
     piece by piece without special tokens and joined as ids, as in the official code; the assistant
     header comes from the tokenizer's chat template (kvpress's approach; the official code writes
-    templates by hand), "\\n" without one.
+    templates by hand), "\\n" without one. The continuation prompt ends at "starting with" (kvpress; the
+    official code has a trailing space, one more token). In a left-padded batch the reconstruction chunks
+    are cut in padded index space, so a padded sequence's chunk boundaries shift by its padding (the official
+    code runs batch 1); contexts within one chunk (``chunk_size``, 2000) are unaffected.
 
     Cost: the passes together are about one more prefill of the context (they attend over the whole
     held context); compression happens once after them, through :func:`adakv.compress_context`.

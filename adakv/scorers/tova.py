@@ -14,6 +14,11 @@ class TOVA(Scorer):
 
     Oren et al., "Transformers are Multi-State RNNs", 2024 (arXiv:2401.06104).
     s_j = mean_g softmax(q_last^(g) K^T * scaling)_j.
+
+    Deviations from the official code (schwartz-lab-NLP/TOVA): it averages over *all* query heads of the layer,
+    so every head keeps the same tokens; here each KV head ranks by its own group's heads (head-wise eviction
+    is what this library is for). Like every scorer here, the last ``window`` tokens are kept by rule (TOVA
+    keeps only what the scores choose; use ``window=1`` for that).
     """
 
     name = "tova"
