@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -149,7 +150,9 @@ class Selection:
         head_budgets = None
         if isinstance(out, StagedScores):
             first = self._prepare(out.first, protected, valid)
-            if self.cross_layer:  # the layers compete for the second stage: the first keeps its share per layer
+            if self.cross_layer or not out.per_head:
+                # the first stage keeps the window and its fraction of the rest of the budget; the heads (and with
+                # a cross-layer allocator the layers) then compete for the rest on the second-stage scores
                 stage1 = protect + torch.floor((budget - protect).double() * out.first_fraction).long()
                 protected = protected | self.allocator(first, stage1)
             else:
@@ -232,7 +235,7 @@ def map_scores(fn: Callable[..., torch.Tensor], *scores: torch.Tensor | StagedSc
     :class:`StagedScores` (the first one's ``first_fraction`` is kept)."""
     if isinstance(scores[0], StagedScores):
         first = fn(*(s.first for s in scores))
-        return StagedScores(first, fn(*(s.second for s in scores)), scores[0].first_fraction)
+        return dataclasses.replace(scores[0], first=first, second=fn(*(s.second for s in scores)))
     return fn(*scores)
 
 

@@ -118,19 +118,26 @@ class Fixed(Scorer):
 
 
 def test_criticalkv_two_stage_selection():
-    """As CriticalKV's code: stage 1 keeps floor(half the head's budget) by the base score, the window inside (it
-    ranks first); stage 2 fills the head's budget by (s + eps) * N."""
+    """second_stage="per-head" (CriticalKV's code): stage 1 keeps floor(half the head's budget) by the base score,
+    the window inside (it ranks first); stage 2 fills the head's budget by (s + eps) * N. "joint" (default): stage 1
+    keeps the window plus half of the rest."""
     weight = torch.eye(2).repeat(1, 1)  # 1 query head, W_O = I: N_j = ||v_j||_1
     inp = make_inputs(h_kv=1, group=1, seq=6, dim=2, module=_OProj(weight), window=1)
     inp.values[0, 0] = torch.tensor([[1.0, 0], [10.0, 0], [0.1, 0], [8.0, 0], [1.0, 0], [1.0, 0]])
     base = [[[0.9, 0.1, 0.95, 0.2, 0.3, 0.0]]]
     plain = keep_of(Selection(4, Fixed(base), Uniform(), window=1), inp)
     assert kept(plain) == [[[0, 2, 4, 5]]]
-    crit = keep_of(Selection(4, CriticalKV(Fixed(base)), Uniform(), window=1), inp)
-    # stage 1: floor(0.5 * 4) = 2 -> window {5} + {2}; stage 2: (s+eps)*N = [.9, 1.0, .095, 1.6, .3] -> {3, 1}
-    assert kept(crit) == [[[1, 2, 3, 5]]]
-    # budget 3: stage 1 is floor(1.5) = 1 slot, the window's own (not 1 + half of the rest): {5}, then {3, 1}
-    assert kept(keep_of(Selection(3, CriticalKV(Fixed(base)), Uniform(), window=1), inp)) == [[[1, 3, 5]]]
+    for stage in ("joint", "per-head"):
+        crit = keep_of(Selection(4, CriticalKV(Fixed(base), second_stage=stage), Uniform(), window=1), inp)
+        # stage 1: 2 slots -> window {5} + {2}; stage 2: (s+eps)*N = [.9, 1.0, .095, 1.6, .3] -> {3, 1}
+        assert kept(crit) == [[[1, 2, 3, 5]]]
+    # budget 3, per-head: stage 1 is floor(1.5) = 1 slot, the window's own: {5}, then {3, 1}
+    per_head = CriticalKV(Fixed(base), second_stage="per-head")
+    assert kept(keep_of(Selection(3, per_head, Uniform(), window=1), inp)) == [[[1, 3, 5]]]
+    # joint: stage 1 is the window + floor(0.5 * 2) = 1 more: {5, 2}, then {3}
+    assert kept(keep_of(Selection(3, CriticalKV(Fixed(base)), Uniform(), window=1), inp)) == [[[2, 3, 5]]]
+    with pytest.raises(ValueError, match="second_stage"):
+        CriticalKV(second_stage="both")
     with pytest.raises(ValueError, match="o_proj"):
         keep_of(Selection(3, CriticalKV(Fixed(base)), Uniform(), window=1), make_inputs(h_kv=1, seq=6, window=1))
 
@@ -138,25 +145,30 @@ def test_criticalkv_two_stage_selection():
 class Staged(Scorer):
     def __init__(self, first, second):
         self.first, self.second = torch.tensor(first), torch.tensor(second)
+        self.per_head = True
 
     def __call__(self, inputs):
-        return StagedScores(self.first.clone(), self.second.clone(), 0.5)
+        return StagedScores(self.first.clone(), self.second.clone(), 0.5, per_head=self.per_head)
 
 
 def test_staged_scores_fix_each_heads_total_by_the_first_stage():
-    """With Ada-KV, the heads' totals come from the first-stage (base) scores; the second stage fills each head's
-    own total and does not move budget between heads, however its scales differ (CriticalAdaKVPress)."""
+    """per_head: with Ada-KV, the heads' totals come from the first-stage (base) scores; the second stage fills
+    each head's own total and does not move budget between heads, however its scales differ (CriticalAdaKVPress).
+    Without it (CriticalKV's default "joint"), the heads compete again on the second stage."""
     inp = make_inputs(h_kv=2, seq=8, window=1)
     gen = torch.Generator().manual_seed(1)
     first = torch.rand(1, 2, 8, generator=gen)
     first[0, 0] *= 10  # head 0 wins the base competition
     second = torch.rand(1, 2, 8, generator=gen)
     second[0, 1] *= 1000  # head 1 would win a second competition
-    selection = Selection(4, Staged(first.tolist(), second.tolist()), AdaKV(alpha=0.0), window=1)
-    keep = keep_of(selection, inp)
+    staged = Staged(first.tolist(), second.tolist())
+    keep = keep_of(Selection(4, staged, AdaKV(alpha=0.0), window=1), inp)
     base_only = keep_of(Selection(4, Fixed(first.tolist()), AdaKV(alpha=0.0), window=1), inp)
     assert keep.sum(-1).tolist() == base_only.sum(-1).tolist()
     assert keep.sum(-1)[0, 0] > keep.sum(-1)[0, 1]
+    staged.per_head = False
+    joint = keep_of(Selection(4, staged, AdaKV(alpha=0.0), window=1), inp)
+    assert joint.sum(-1)[0, 1] > keep.sum(-1)[0, 1]  # head 1 wins budget back on its second-stage scores
 
 
 def test_criticalkv_option_validation():

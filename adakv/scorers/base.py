@@ -70,11 +70,15 @@ class StagedScores:
 
     The allocator first keeps ``first_fraction`` of the budget by ``first``; the
     rest of the budget is then filled by ``second`` (both ``[B, H_kv, L]``).
+    ``per_head``: with a per-layer allocator, each head's total is fixed by ``first`` and the second stage
+    fills it head by head (False: the first stage keeps its share of the budget after the window, then the
+    heads compete again for the rest on ``second``).
     """
 
     first: torch.Tensor
     second: torch.Tensor
     first_fraction: float
+    per_head: bool = False
 
 
 class Scorer(ABC):

@@ -61,15 +61,30 @@ class CriticalKV(Scorer):
     first keep ``first_stage`` of the budget by s, then fill the rest by (s + eps) * N_j.
     Works with any allocator (``ada-criticalkv`` = CriticalKV + Ada-KV).
 
+    How the two stages share a per-layer allocator's budget (``second_stage``):
+    - ``"joint"`` (default; a deviation): stage 1 keeps the window plus ``first_stage`` of the rest of the
+      budget by s, through the allocator; then the heads compete again, through the allocator, for the rest
+      by (s + eps) * N_j, so budget can move to heads whose values move the output more.
+    - ``"per-head"`` (the authors' code, CriticalAdaKVPress): the allocator fixes each head's total B_h once
+      from s; the head keeps floor(first_stage * B_h) by s (window inside), then fills its own B_h by
+      (s + eps) * N_j.
+    With Uniform both give every head the same total. Measured on SmolLM2 (24 needles of 4 digits at 2k tokens,
+    `benchmarks/results/methods_needle_after_review/`), ``ada-criticalkv`` answered 0.917 / 0.625 question-aware
+    at 0.2 and 0.708 / 0.417 question-agnostic at 0.5 ("joint" / "per-head"; 14 needles lost, none gained, over
+    its four cells), so "joint" stays the default.
+
     Args:
         base: the base scorer (name or instance).
         first_stage: fraction of the budget chosen by the base score, in (0, 1].
         eps: keeps tokens with a tiny base score comparable, 1e-4 as in the paper.
+        second_stage: ``"joint"`` or ``"per-head"`` (above).
     """
 
     name = "criticalkv"
 
-    def __init__(self, base: str | Scorer = "snapkv", first_stage: float = 0.5, eps: float = 1e-4):
+    def __init__(
+        self, base: str | Scorer = "snapkv", first_stage: float = 0.5, eps: float = 1e-4, second_stage: str = "joint"
+    ):
         from . import get_scorer
 
         if isinstance(first_stage, bool) or not isinstance(first_stage, (int, float)) or not 0.0 < first_stage <= 1.0:
@@ -82,12 +97,16 @@ class CriticalKV(Scorer):
                 f"CriticalKV needs a base scorer that scores from the prompt's queries (snapkv, h2o, ...), not "
                 f"{self.base!r}: a context scorer's passes or another two-stage scorer cannot run inside it."
             )
+        if second_stage not in ("joint", "per-head"):
+            raise ValueError(f"CriticalKV second_stage must be 'joint' or 'per-head', got {second_stage!r}.")
         self.first_stage = float(first_stage)
         self.eps = float(eps)
+        self.second_stage = second_stage
 
     def __call__(self, inputs: ScoreInputs) -> StagedScores:
         base = self.base(inputs)
         if isinstance(base, StagedScores):
             raise ValueError("CriticalKV needs a plain base scorer, not another two-stage one.")
         base = base.float()
-        return StagedScores(base, (base + self.eps) * value_perturbation(inputs), self.first_stage)
+        second = (base + self.eps) * value_perturbation(inputs)
+        return StagedScores(base, second, self.first_stage, per_head=self.second_stage == "per-head")
