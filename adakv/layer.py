@@ -283,7 +283,7 @@ class AdaKVLayer(CacheLayerMixin):
             out = store.decode(q, keys, values, scaling, softcap, width)
             self._decoded += 1
             if observe and self.decode_state is not None:
-                self.decode_state.after_append(self, module, q, scaling, softcap, None)
+                self.decode_state.after_append(self, module, q, scaling, softcap, None, None)
             return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
         store.append(keys, values, valid)
         if valid is None:
@@ -315,7 +315,7 @@ class AdaKVLayer(CacheLayerMixin):
                 host_length=lengths,
             )
         if observe and self.decode_state is not None:
-            self.decode_state.after_append(self, module, q, scaling, softcap, hidden)
+            self.decode_state.after_append(self, module, q, scaling, softcap, hidden, valid)
         return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
 
     # -- context scorers (KVzip): scoring passes, then one selection -------------------------------------------------

@@ -8,6 +8,7 @@ from tiny_models import padded_batch, tiny_model
 from transformers import DynamicCache
 
 from adakv import H2O, AdaKVCache, H2ODecode, with_cache
+from adakv.layer import AdaKVLayer
 
 SLACK = H2ODecode().slack
 
@@ -126,3 +127,72 @@ def test_bad_arguments():
         AdaKVCache(model, 0.2, decode="forever")
     with pytest.raises(TypeError, match="decode must be None"):
         AdaKVCache(model, 0.2, decode=3)
+
+
+def test_h2o_keeps_pyramid_budgets_within_the_bound():
+    """decode="h2o" with an int budget and PyramidKV: a cut head keeps its own (pyramid) allocation as its target;
+    only a prompt within the budget may grow to it (the upper layers' small budgets used to be raised to the
+    average, 274 rows per sequence against the bound of 240)."""
+    from adakv import H2ODecode
+
+    model = tiny_model("qwen2", num_key_value_heads=2, num_attention_heads=4)
+    ids, mask = padded_batch(seq_len=200, pad=11)
+    budget, layers_n, heads = 24, model.config.num_hidden_layers, 2
+    cache = AdaKVCache(model, budget, scorer="h2o", window=4, allocator="pyramidkv", decode=H2ODecode())
+    tok = torch.full((2, 1), 5)
+    peak = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(cache))
+        layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+        targets = [layer.decode_state.target for layer in layers]
+        assert targets[0].min() > budget > targets[-1].max()  # the pyramid is kept
+        for _ in range(60):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            model(tok, attention_mask=mask, **with_cache(cache))
+            peak = max(peak, int(sum(layer.store.lengths().sum(-1) for layer in layers).max()))
+    assert peak <= layers_n * heads * (budget + 16)
+
+
+def _padded_question(decode):
+    """Sequence 0's decode state after a question appended with 3 padded tokens in a batch, and alone."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    ctx, q = torch.randint(3, 256, (2, 40), generator=gen), torch.randint(3, 256, (2, 8), generator=gen)
+    qmask = torch.ones(2, 8, dtype=torch.long)
+    qmask[0, :3], q[0, :3] = 0, 0
+
+    def run(rows, ids, qm):
+        cache = AdaKVCache(model, 24, scorer="h2o", window=8, allocator="uniform", decode=decode)
+        with torch.no_grad():
+            model(ctx[rows], **with_cache(cache))
+            full = torch.cat([torch.ones(len(rows), 40, dtype=torch.long), qm], 1)
+            model(ids, attention_mask=full, position_ids=40 + (qm.cumsum(-1) - 1).clamp(min=0), **with_cache(cache))
+        return cache.layers[0].decode_state
+
+    return run([0, 1], q, qmask), run([0], q[:1, 3:], qmask[:1, 3:])
+
+
+def test_padded_queries_count_for_no_decode_policy():
+    """A padded question row pays no attention in H2O's accumulation and is not one of Rescore's window queries:
+    sequence 0's state is the same in the batch as alone (the pads used to add +1 each / fill the window)."""
+    from adakv import H2ODecode, Rescore
+
+    both, alone = _padded_question(H2ODecode())
+    n = alone.scores.shape[-1]
+    torch.testing.assert_close(both.scores[0, :, :n], alone.scores[0], atol=1e-5, rtol=1e-5)
+    both, alone = _padded_question(Rescore(interval=100))
+    torch.testing.assert_close(both.queries[:1], alone.queries, atol=1e-6, rtol=1e-6)
+
+
+def test_rescore_window_is_the_caches_even_after_a_short_last_chunk():
+    """generate(prefill_chunk_size=16) on 83 tokens ends with a 3-token chunk: Rescore's window stays the cache's
+    (it used to shrink to 3 queries for the whole generation)."""
+    from adakv import Rescore
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 256, (1, 83), generator=torch.Generator().manual_seed(0))
+    cache = AdaKVCache(model, 0.3, window=8, allocator="uniform", decode=Rescore())
+    with torch.no_grad():
+        model.generate(ids, **with_cache(cache), max_new_tokens=12, do_sample=False, prefill_chunk_size=16)
+    state = cache.layers[0].decode_state
+    assert state.window == 8 and state.queries.shape[2] == 8

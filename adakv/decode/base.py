@@ -26,9 +26,11 @@ class DecodeState(ABC):
         scaling: float,
         softcap: float | None,
         hidden: torch.Tensor | None,
+        valid: torch.Tensor | None,
     ) -> None:
-        """Called after new tokens (queries ``q`` ``[B, H_kv, G, Q, D]``) were appended and attended; may evict
-        through ``layer.evict_rows`` or ``layer.reselect``."""
+        """Called after new tokens (queries ``q`` ``[B, H_kv, G, Q, D]``; ``valid`` bool ``[B, Q]``, None: all real)
+        were appended and attended; may evict through ``layer.evict_rows`` or ``layer.reselect``. Padded queries
+        must not count."""
 
     @abstractmethod
     def select_batch(self, index: torch.Tensor) -> None:

@@ -40,8 +40,9 @@ class H2ODecode(DecodePolicy):
             scores = accumulated_attention(inputs)
         target = choice.keep.sum(-1).to("cpu", torch.int64)
         budget = layer.policy.selection.budget
-        if isinstance(budget, int):  # short prompts may grow up to the budget
-            target = target.clamp(min=budget)
+        if isinstance(budget, int):  # a prompt within the budget (nothing cut) may grow up to it
+            short = (layer.n_real <= budget)[:, None]
+            target = torch.where(short, target.clamp(min=budget), target)  # a cut head keeps its own allocation
         return H2OState(pack_kept(scores.float(), choice.keep, fill=0.0), target, inputs.window, self.slack)
 
 
@@ -54,11 +55,13 @@ class H2OState(DecodeState):
         self.window = window
         self.slack = slack
 
-    def after_append(self, layer, module, q, scaling, softcap, hidden) -> None:
+    def after_append(self, layer, module, q, scaling, softcap, hidden, valid) -> None:
         store = layer.store
         probs = reference.ragged_attention_probs(
             q, store.keys, store.start, store.length, scaling, softcap, hidden, store.max_length()
         )
+        if valid is not None:  # padded queries pay no attention (as in the prefill's H2O scores)
+            probs = probs * valid.to(probs.device, probs.dtype)[:, None, None, :, None]
         mass = probs.sum(3).mean(2)  # [B, H, M]
         width = mass.shape[-1]
         if self.scores.shape[-1] < width:  # rows appended since the last step start at 0

@@ -38,23 +38,34 @@ class Rescore(DecodePolicy):
     def start(self, layer, inputs, choice, previous) -> DecodeState:
         window = inputs.window
         queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed
-        return RescoreState(queries, self.interval)
+        # the window is the cache's, not the last prompt chunk's length (generate's last chunk may be shorter)
+        return RescoreState(queries, self.interval, window)
 
 
 class RescoreState(DecodeState):
-    """``queries``: the most recent (at most ``window``) queries ``[B, H_q, W, D]``; ``due``: tokens until the
-    next re-selection."""
+    """``queries``: the most recent (at most ``window``) real queries ``[B, H_q, W, D]``; ``due``: tokens until
+    the next re-selection."""
 
-    def __init__(self, queries: torch.Tensor, interval: int):
-        self.window = queries.shape[2]
+    def __init__(self, queries: torch.Tensor, interval: int, window: int):
+        self.window = window
         self.queries = queries
         self.interval = interval
         self.due = interval
 
-    def after_append(self, layer, module, q, scaling, softcap, hidden) -> None:
+    def after_append(self, layer, module, q, scaling, softcap, hidden, valid) -> None:
         bsz, h_kv, group, q_len, dim = q.shape
         new = q.reshape(bsz, h_kv * group, q_len, dim)
-        self.queries = torch.cat([self.queries, new], 2)[:, :, -max(self.window, 1) :]
+        queries = torch.cat([self.queries, new], 2)
+        if valid is not None and not bool(valid.all()):
+            # each sequence keeps its own most recent real queries: a padded query is not one
+            real = torch.cat([valid.new_ones(bsz, self.queries.shape[2]), valid], 1).to(queries.device)
+            take = min(self.window, int(real.sum(1).min()))
+            order = torch.arange(real.shape[1], device=queries.device).expand(bsz, -1)
+            last = torch.where(real, order, -1).sort(1).values[:, -take:]  # [B, take], ascending
+            index = last[:, None, :, None].expand(-1, queries.shape[1], -1, dim)
+            self.queries = torch.gather(queries, 2, index)
+        else:
+            self.queries = queries[:, :, -max(self.window, 1) :]
         self.due -= q_len
         if self.due <= 0:
             self.due = self.interval
