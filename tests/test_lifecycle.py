@@ -269,3 +269,18 @@ def test_a_one_token_last_generate_chunk_is_compressed(length):
     with torch.no_grad():
         model.generate(ids, **with_cache(cache), max_new_tokens=1, do_sample=False, prefill_chunk_size=32)
     assert cache.kept_lengths(0).flatten().tolist() == [round(length * 0.2)] * 2
+
+
+def test_tied_scores_are_broken_the_same_way_in_any_batch():
+    """SnapKV's max pooling gives neighbours equal scores; the allocators keep the earlier of tied tokens whatever
+    the rest of the batch (topk's choice among ties changed with the batch, so a sequence prefilled next to another
+    kept other tokens than next to itself)."""
+    model = tiny_model("qwen2", num_key_value_heads=2, num_attention_heads=4).double()
+    ids, mask = padded_batch(seq_len=60, pad=11)
+    mixed, twin = (AdaKVCache(model, 0.3, window=4, allocator="uniform") for _ in range(2))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(mixed))
+        model(ids[[0, 0]], attention_mask=mask[[0, 0]], **with_cache(twin))
+    mixed.batch_select_indices(torch.tensor([0, 0]))
+    for a, b in zip(compressed(mixed), compressed(twin)):
+        assert held_positions(a) == held_positions(b)

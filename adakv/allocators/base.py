@@ -61,7 +61,9 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k_max == 0:
         return mask
-    idx = scores.topk(k_max, dim=-1, sorted=True).indices
+    # a stable sort, not topk: equal scores (SnapKV's max pooling makes many) go to the earlier token whatever the
+    # rest of the batch, where topk's choice among ties changes with the tensor's shape
+    idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]
     take = torch.arange(k_max, device=scores.device)[None, :] < k.to(scores.device)[:, None]
     return mask.scatter_(-1, idx, take)
 
