@@ -50,7 +50,7 @@ from transformers import DynamicCache, LlamaConfig
 
 from adakv import with_cache
 from adakv.critiprefill import CritiPrefill, sparse_prefill
-from adakv.eval.cli import random_llama
+from adakv.eval.cli import add_llama_shape_args, llama_shape, random_llama
 from adakv.eval.runinfo import run_info
 from adakv.kernels import block_sparse_reference as reference
 
@@ -198,17 +198,7 @@ def gpu_main(args) -> dict:
     attention = [attention_point(args, policy, ctx, dtype) for ctx in args.contexts]
     e2e = []
     if not args.skip_e2e:
-        model = random_llama(
-            args.device,
-            dtype,
-            max(args.contexts) + 64,
-            args.layers,
-            args.hidden,
-            args.heads,
-            args.kv_heads,
-            args.intermediate,
-            args.vocab,
-        )
+        model = random_llama(args.device, dtype, max(args.contexts) + 64, **llama_shape(args))
         for ctx in args.contexts:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -367,12 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quality-tokens", type=int, default=2048, help="--quality: prompt length")
     p.add_argument("--quality-settings", nargs="+", default=list(QUALITY_SETTINGS), choices=list(QUALITY_SETTINGS))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--vocab", type=int, default=128256)
+    add_llama_shape_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=None, help="default 32768 131072 (CPU report: 4096 8192)")
     p.add_argument("--segment-size", type=int, default=DEFAULTS["segment_size"])
     p.add_argument("--block-size", type=int, default=DEFAULTS["block_size"])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from adakv import AdaKVCache, kv_bytes, with_cache
-from adakv.eval.cli import random_llama
+from adakv.eval.cli import add_llama_shape_args, llama_shape, random_llama
 from adakv.eval.runinfo import run_info
 from adakv.kernels import backend, ops_for, reference
 from adakv.storage import RaggedKV
@@ -341,12 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--vocab", type=int, default=128256)
+    add_llama_shape_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget", type=float, default=0.2)
@@ -366,17 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     attention = [attention_point(args, ctx, b, dtype, bandwidth) for ctx in args.contexts for b in args.batches]
     e2e = []
     if not args.skip_e2e:
-        model = random_llama(
-            args.device,
-            dtype,
-            max(args.contexts) + args.decode_steps + 64,
-            args.layers,
-            args.hidden,
-            args.heads,
-            args.kv_heads,
-            args.intermediate,
-            args.vocab,
-        )
+        model = random_llama(args.device, dtype, max(args.contexts) + args.decode_steps + 64, **llama_shape(args))
         e2e = [
             e2e_point(args, model, ctx, b, bandwidth)
             for ctx in args.contexts

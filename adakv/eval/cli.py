@@ -104,21 +104,31 @@ def _check_lengths(max_pos: int | None, needs: dict[int, int], name: str) -> Non
 
 
 LLAMA_8B_SHAPE = "llama3-8b-shape"  # load_model's name for random_llama() (no tokenizer: random ids only)
+# Llama-3.1-8B's dimensions, random_llama's defaults and the GPU scripts' --layers ... --vocab options
+LLAMA_8B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256}
 
 
-def random_llama(
-    device: str | torch.device,
-    dtype: torch.dtype,
-    max_positions: int,
-    layers: int = 32,
-    hidden: int = 4096,
-    heads: int = 32,
-    kv_heads: int = 8,
-    intermediate: int = 14336,
-    vocab: int = 128256,
-) -> Any:
+def add_llama_shape_args(parser: argparse.ArgumentParser) -> None:
+    """``--layers --hidden --heads --kv-heads --intermediate --vocab`` (defaults: Llama-3.1-8B), for
+    :func:`random_llama` with :func:`llama_shape`."""
+    for name, default in LLAMA_8B.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
+def llama_shape(args: argparse.Namespace) -> dict[str, int]:
+    """The options :func:`add_llama_shape_args` added, as :func:`random_llama`'s keywords."""
+    return {name: getattr(args, name) for name in LLAMA_8B}
+
+
+def random_llama(device: str | torch.device, dtype: torch.dtype, max_positions: int, **shape: int) -> Any:
     """A Llama with random weights, Llama-3.1-8B's shape by default, built on ``device`` (speed and memory do not
-    depend on the weights, and no 8B checkpoint is available offline)."""
+    depend on the weights, and no 8B checkpoint is available offline). ``shape``: any of LLAMA_8B's keys."""
+    unknown = set(shape) - set(LLAMA_8B)
+    if unknown:
+        raise TypeError(f"random_llama: unknown dimensions {sorted(unknown)}; valid: {', '.join(LLAMA_8B)}")
+    dims = {**LLAMA_8B, **shape}
+    layers, hidden, heads, kv_heads = dims["layers"], dims["hidden"], dims["heads"], dims["kv_heads"]
+    intermediate, vocab = dims["intermediate"], dims["vocab"]
     config = transformers.LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
