@@ -40,20 +40,26 @@ def compress_context(
     if not isinstance(cache.selection.scorer, ContextScorer):
         _check_context(cache, context_ids, attention_mask)
         mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
-        if chunk_size is None:
-            model(
-                context_ids,
-                attention_mask=mask,
-                position_ids=mask_positions(mask),
-                **with_cache(cache),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        else:
-            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask)
+        _prefill(model, cache, context_ids, mask, chunk_size, lookahead=True)
         return
     score_context(model, cache, context_ids, attention_mask, tokenizer, chunk_size)
     settle_context(model, cache)
+
+
+def _prefill(model, cache, context_ids: torch.Tensor, mask: torch.Tensor, chunk_size: int | None, lookahead: bool):
+    """The context through ``model`` into ``cache``, in one forward or in chunks; positions count real tokens only,
+    so the passes and a later question continue them (as generate does)."""
+    if chunk_size is None:
+        model(
+            context_ids,
+            attention_mask=mask,
+            position_ids=mask_positions(mask),
+            **with_cache(cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    else:
+        prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=lookahead)
 
 
 def _check_context(cache, context_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -99,17 +105,8 @@ def score_context(
     hooks = []
     try:
         phase.mode = "hold"
-        if chunk_size is None:  # the passes and a later question continue the real tokens' positions
-            model(
-                context_ids,
-                attention_mask=mask,
-                position_ids=mask_positions(mask),
-                **with_cache(cache),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        else:  # held whole: nothing is selected until the passes ran, so no lookahead
-            prefill_in_chunks(model, cache, context_ids, chunk_size, attention_mask=mask, lookahead=False)
+        # held whole: nothing is selected until the passes ran, so a chunked prefill has no lookahead
+        _prefill(model, cache, context_ids, mask, chunk_size, lookahead=False)
         stock = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
         seen = [layer.seen for layer in layers]
         n_real = mask.sum(-1)
