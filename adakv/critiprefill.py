@@ -184,7 +184,7 @@ class CritiPrefill(PrefillAttention):
             raise ValueError(f"CritiPrefill: layer_skip={self.layer_skip} leaves no sparse layer in a {n}-layer model")
         device = getattr(model, "device", None)
         if self.backend == "triton" and isinstance(device, torch.device):
-            self.kernel(torch.empty(0, device=device))  # refuses a CPU model without TRITON_INTERPRET=1
+            self._check_triton_device(device)
 
     def sparse_possible(self, q_len: int, k_len: int) -> bool:
         """Whether any segment of a ``q_len``-query forward over ``k_len`` keys can be sparse (shapes only).
@@ -297,16 +297,20 @@ class CritiPrefill(PrefillAttention):
         use_triton = self.backend == "triton" or (self.backend == "auto" and tensor.device.type == "cuda")
         if not use_triton:
             return reference.block_sparse_attention
-        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "CritiPrefill(backend='triton') needs CUDA tensors, or TRITON_INTERPRET=1 to run the Triton kernel on "
-                "the CPU (slow; for testing). Use backend='auto' or 'torch' on the CPU."
-            )
+        self._check_triton_device(tensor.device)
         try:
             from .kernels import triton_block_sparse
         except ImportError as err:
             raise ValueError(f"CritiPrefill(backend='triton'): Triton cannot be imported ({err}).") from err
         return triton_block_sparse.block_sparse_attention
+
+    @staticmethod
+    def _check_triton_device(device: torch.device) -> None:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "CritiPrefill(backend='triton') needs CUDA tensors, or TRITON_INTERPRET=1 to run the Triton kernel on "
+                "the CPU (slow; for testing). Use backend='auto' or 'torch' on the CPU."
+            )
 
     def attention(
         self,
