@@ -11,6 +11,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_laye
 from . import attention, prompt
 from .allocators import Allocator, get_allocator
 from .decode import DecodePolicy, get_decode_policy
+from .kernels import backend as kernel_backend
 from .kernels import check_backend, default_backend
 from .layer import AdaKVLayer
 from .methods import get_method
@@ -117,9 +118,10 @@ class AdaKVCache(Cache):
         decode: what happens while decoding: None keeps every decoded token; ``"rescore"``
             (:class:`~adakv.decode.Rescore`) or ``"h2o"`` (:class:`~adakv.decode.H2ODecode`), or an
             instance, keep the cache within its budget however long the generation.
-        backend: ``"torch"``, ``"triton"`` or ``"triton-fused"`` (Triton, with a decoded token in one fused
-            launch; opt-in until run on a GPU) (None: ``$ADAKV_BACKEND`` if set, else Triton on CUDA and torch
-            elsewhere), fixed when the cache is built.
+        backend: ``"torch"``, ``"triton"``, ``"triton-fused"`` (Triton, with a decoded token in one fused
+            launch) or ``"flash"`` (decoded tokens through torch's flash varlen attention; CUDA), the last two
+            opt-in until run on a GPU (None: ``$ADAKV_BACKEND`` if set, else Triton on CUDA and torch
+            elsewhere), fixed when the cache is built and checked against the model's device.
         prefill_attention: a :class:`~adakv.policy.PrefillAttention` (e.g. CritiPrefill) computing
             the first prompt chunk's attention instead of the model's dense attention.
         reserve: rows reserved in every segment at each compaction for the tokens to come (e.g. the
@@ -180,6 +182,8 @@ class AdaKVCache(Cache):
         policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve, chunk_scores)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)
+        if model_obj is not None and backend is not None:  # refused now, not at the first forward
+            kernel_backend(backend, model_obj.device)
         if prefill_attention is not None:
             prefill_attention.check_model(model_obj if model_obj is not None else config)
         text_config = config.get_text_config(decoder=True)
@@ -248,6 +252,22 @@ class AdaKVCache(Cache):
             first = self.layers[self._first_compressed]
             self.shared.phase.begin_forward(key_states.shape[-2], first.store is None, self.policy.selection.window)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # transformers' generate asks this in eager code before each forward when the cache is compileable
+        # (prepare_inputs_for_generation builds the mask there): the one moment a compiled decode step leaves to
+        # refill the reserve outside its graph. Inside a traced forward nothing may re-lay out.
+        if self.policy.reserve is not None and not torch.compiler.is_compiling():
+            self.make_room(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def make_room(self, tokens: int) -> None:
+        """With ``reserve=``: make sure every segment of every layer can take ``tokens`` more without a re-layout,
+        giving segments that could not the reserve again. Call it before each step of your own compiled decode
+        loop (``generate`` does it for you); inside a compiled step a full segment would break the graph."""
+        for layer in self.layers:
+            if isinstance(layer, AdaKVLayer):
+                layer.make_room(tokens)
 
     def __deepcopy__(self, memo: dict) -> AdaKVCache:
         """A copy with its own layers and policy state; the model's config objects stay shared (they are the

@@ -63,7 +63,6 @@ class AdaKVLayer(CacheLayerMixin):
 
     # No `_layer_type`: setting one would register this class for every DynamicCache.
     is_sliding = False
-    is_compileable = False
     is_croppable = False
 
     def __init__(
@@ -125,6 +124,21 @@ class AdaKVLayer(CacheLayerMixin):
         self.seen += key_states.shape[-2]
         handle = KVHandle(self, key_states, value_states)
         return handle, handle
+
+    @property
+    def is_compileable(self) -> bool:
+        """With a ``reserve`` a decode step has fixed shapes and no host tensor op (see :meth:`make_room`), so
+        transformers' ``generate`` may compile it (as for a StaticCache: on CUDA by default, elsewhere with a
+        ``compile_config``). Not with a decode policy: its evictions decide on the host during the step."""
+        return self.policy.reserve is not None and self.policy.decode is None
+
+    def make_room(self, q_len: int) -> None:
+        """Before a forward of ``q_len`` tokens, outside any compiled code: give every segment the reserve again
+        if the tokens would not fit, so that the forward itself takes the fixed-shape path (a re-layout inside a
+        compiled step would break its graph). Only with a reserve, and for forwards that fit in one (decoding;
+        a longer one is a prompt chunk or grows the storage itself)."""
+        if self.policy.reserve is not None and self.store is not None and q_len <= self._slack():
+            self.store.make_room(q_len, self._slack())
 
     def get_seq_length(self) -> int:
         return self.seen

@@ -144,6 +144,14 @@ class RaggedKV:
         """Every segment can take ``q_len`` more tokens without a re-layout (one int compared, no tensor op)."""
         return q_len <= self._min_free
 
+    def make_room(self, q_len: int, rows: int) -> bool:
+        """Unless every segment can take ``q_len`` more tokens, re-lay out with ``max(rows, q_len)`` free rows in
+        every segment. Returns whether it re-laid out (the buffers and ``width`` changed)."""
+        if self.has_room(q_len):
+            return False
+        self._relayout(self._length_host + max(rows, q_len))
+        return True
+
     def _took(self, q_len: int) -> None:
         """Host bookkeeping of ``q_len`` tokens appended to every segment: Python ints only."""
         self._pending += q_len

@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from adakv import AdaKVCache, kv_bytes, with_cache
 from adakv.eval.cli import add_llama_shape_args, llama_shape, random_llama
 from adakv.eval.runinfo import run_info
-from adakv.kernels import backend, ops_for, reference
+from adakv.kernels import backend, flash_attention, ops_for, reference
 from adakv.storage import RaggedKV
 
 RESULTS = Path(__file__).parent / "results"
@@ -165,6 +165,7 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     # the fused decode launch (the opt-in triton-fused backend) against the unfused Triton step
     fused_ops = backend("triton-fused", q.device) if ops.name.startswith("triton") else None
     steps = decode_step_ab(stores, q, scaling, ops, fused_ops, dev, args) if fused_ops is not None else None
+    flash = flash_ab(stores, q, scaling, t_ragged, dev, args)
     g_ragged, why_ragged = graph_timed(ragged, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     g_full, why_full = graph_timed(full, args.repeats, args.calls) if dev == "cuda" else (None, "not CUDA")
     # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
@@ -200,9 +201,40 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
         "graph_fraction_of_copy_bandwidth": kept_bytes / g_ragged / bandwidth if g_ragged else None,
         "full_fraction_of_copy_bandwidth": full_bytes / t_full / bandwidth,
         "decode_step_fused_vs_unfused": steps,
+        "flash_vs_triton": flash,
         "compaction_s": t_compact,
         "prefill_attention_s": t_prefill,
         "compaction_fraction_of_prefill_attention": t_compact / t_prefill,
+    }
+
+
+def flash_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, t_triton: float, dev: str, args) -> dict:
+    """The ``flash`` backend's decode attention (torch's varlen flash, each segment one sequence) on the same
+    stores, against the Triton kernel's time ``t_triton``; or why it did not run."""
+    why = flash_attention.unavailable(q.device)
+    if why is None and not flash_attention.takes(q, None, None):
+        why = f"flash takes fp16/bf16 and head_dim <= {flash_attention.MAX_HEAD_DIM} only"
+    if why is not None:
+        return {"not_run": why}
+
+    def call(store: RaggedKV) -> Callable[[], torch.Tensor]:
+        max_len = store.max_length()
+        return lambda: flash_attention.decode_attention(
+            q, store.keys, store.values, store.start, store.length, scaling, max_len
+        )
+
+    calls = [call(s) for s in stores]
+    store = stores[0]
+    ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling).float()
+    err = float((calls[0]().float() - ref).abs().max() / ref.abs().max())
+    t_flash = timed(calls, dev, args.repeats, args.calls)
+    g_flash, why_graph = graph_timed(calls, args.repeats, args.calls)
+    return {
+        "flash_s": t_flash,
+        "flash_over_triton": t_flash / t_triton,
+        "flash_graph_s": g_flash,
+        "graph_not_timed": why_graph,
+        "max_rel_err_vs_reference": err,
     }
 
 

@@ -80,6 +80,9 @@ tests)
         --junitxml="$results/kernel_tests.xml" tests/test_triton_decode.py tests/test_triton_kernels.py \
         tests/test_critiprefill.py tests/test_kernels_reference.py tests/test_torch_ragged.py \
         tests/test_static_decode.py tests/test_storage.py
+    # the tiny models on the GPU: generate's compiled decode step (inductor, CUDA graphs) against eager, flash
+    run_step 300 compiled-generate env ADAKV_TEST_DEVICE=cuda $py -P -m pytest -q -p no:cacheprovider -x \
+        --timeout 280 --junitxml="$results/compiled_generate.xml" tests/test_static_decode.py tests/test_flash_backend.py
     ;;
 speed)
     run_step 560 gpu_speed $py benchmarks/gpu_speed.py --out "$results/gpu_speed.json"

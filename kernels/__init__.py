@@ -44,6 +44,22 @@ def _triton_ops(fused_decode: bool = False) -> SimpleNamespace:
     )
 
 
+@functools.cache
+def _flash_ops() -> SimpleNamespace:
+    """The Triton ops, with decoded tokens attended by flash varlen (``flash_attention``): each segment one packed
+    sequence, its slack skipped by ``seqused_k``. Calls flash cannot compute exactly go to the Triton kernel."""
+    flash = importlib.import_module(".flash_attention", __name__)
+    triton_ops = _triton_ops()
+
+    def ragged_attention(q, k_buf, v_buf, start, length, scaling, softcap=None, hidden=None, max_len=None, **host):
+        if max_len is not None and flash.takes(q, softcap, hidden):
+            return flash.decode_attention(q, k_buf, v_buf, start, length, scaling, max_len)
+        return triton_ops.ragged_attention(q, k_buf, v_buf, start, length, scaling, softcap, hidden, max_len, **host)
+
+    changed = {"name": "flash", "ragged_attention": ragged_attention, "ragged_attention_static": ragged_attention}
+    return SimpleNamespace(**{**vars(triton_ops), **changed})
+
+
 _REFERENCE = SimpleNamespace(
     name="torch",
     decode_=None,  # no fused decode step: append_ then ragged_attention
@@ -97,10 +113,10 @@ def backend(name: str | None, device: torch.device) -> SimpleNamespace:
                 "(slow; for testing)."
             )
         return _triton_ops(name == "triton-fused")
-    raise ValueError(
-        "backend 'flash': decoding through flash-attn is not available in this version of adakv; "
-        "use backend='triton' (CUDA) or 'torch'."
-    )
+    why = importlib.import_module(".flash_attention", __name__).unavailable(device)
+    if why is not None:
+        raise ValueError(f"The flash backend cannot run here: {why}. Use backend='triton' (CUDA) or 'torch'.")
+    return _flash_ops()
 
 
 def ops_for(tensor: torch.Tensor) -> SimpleNamespace:

@@ -130,6 +130,44 @@ def test_cli_speed_rows_carry_the_step_statistics(tiny_dir, tmp_path):
         assert ours[f"{key}_ratio"] == pytest.approx(ours[key] / full[key])
 
 
+def test_cli_speed_compile_compiles_the_static_and_adakv_decode(tiny_dir, tmp_path, monkeypatch):
+    """--compile: generate gets a CompileConfig; the StaticCache's and the AdaKVCache's (built with a reserve for
+    the decoded tokens) decode steps are compiled, the DynamicCache's is not."""
+    from transformers import CompileConfig
+
+    compiled_caches = []
+    real_measure = speed.measure
+
+    def measure(model, ids, make_cache, steps, memory=True, compile_config=None):
+        def make():
+            cache = make_cache()
+            compiled_caches.append((type(cache).__name__, cache.is_compileable, compile_config is not None))
+            return cache
+
+        return real_measure(model, ids, make, steps, memory, compile_config)
+
+    def aot_eager(device):  # the default (inductor) would build C++ here; the wiring is what is tested
+        config = CompileConfig(backend="aot_eager", dynamic=True)
+        config._compile_all_devices = True
+        return config
+
+    monkeypatch.setattr(speed, "measure", measure)
+    monkeypatch.setattr(speed, "compile_config_for", aot_eager)
+    torch._dynamo.reset()
+    out = tmp_path / "c"
+    argv = ["speed", "--model", tiny_dir, "--methods", "ada-snapkv", "--budgets", "0.25", "--lengths", "80"]
+    argv += ["--static", "--compile", "--repeats", "1", "--decode-steps", "20", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "static", "ada-snapkv"]
+    assert all(r["decode_tokens"] == 20 and r["error"] is None for r in rows)
+    assert {(name, compileable) for name, compileable, given in compiled_caches if given} == {
+        ("DynamicCache", False),
+        ("StaticCache", True),
+        ("AdaKVCache", True),
+    }
+
+
 def test_gpu_speed_script_runs_on_cpu(gpu_speed, tmp_path):
     """benchmarks/gpu_speed.py, smoke-run on the CPU with a tiny Llama shape; writes its JSON where told."""
     out = tmp_path / "smoke.json"
@@ -142,6 +180,7 @@ def test_gpu_speed_script_runs_on_cpu(gpu_speed, tmp_path):
         assert point["max_rel_err_vs_reference"] < 1e-4
         assert point["ragged_decode_attention_s"] > 0 and point["full_sdpa_decode_attention_s"] > 0
         assert point["ragged_decode_attention_graph_s"] is None  # CUDA graphs: GPU only
+        assert "needs CUDA" in point["flash_vs_triton"]["not_run"]  # the flash A/B says why it did not run
     assert len(result["end_to_end"]) == 2
     for row in result["end_to_end"]:
         for name in ("dynamic", "adakv"):

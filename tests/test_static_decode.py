@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import compiled_decode_matches_eager, padded_batch, tiny_model
+from tiny_models import DEVICE, compiled_decode_matches_eager, padded_batch, tiny_model
 
 from adakv import AdaKVCache, with_cache
 
@@ -49,3 +49,69 @@ def test_reserve_argument_checked():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="reserve must be None or an int >= 0"):
         AdaKVCache(model, 0.5, reserve=-1)
+
+
+def test_generate_compiles_the_decode_step_past_the_reserve():
+    """generate(compile_config=...) compiles the decode step of a cache with a reserve (fullgraph: any re-layout
+    inside the step would fail the trace), refills the reserve between steps, and gives the eager tokens."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=60, pad=8)
+    outs, kept = [], []
+    configs = [None, CompileConfig(backend="aot_eager", fullgraph=True, dynamic=True)]
+    if DEVICE.type == "cuda":  # (gpu_suite.sh) what generate does there by default: inductor, CUDA graphs
+        configs.append(CompileConfig())
+    for compile_config in configs:
+        if compile_config is not None:
+            compile_config._compile_all_devices = True  # transformers compiles on CUDA by default; here on the CPU
+            torch._dynamo.reset()
+        # on CUDA the default backend: Triton's ops, registered for torch.compile
+        cache = AdaKVCache(model, 0.3, window=4, reserve=16, backend="torch" if DEVICE.type == "cpu" else None)
+        assert cache.is_compileable
+        with torch.no_grad():
+            outs.append(
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    **with_cache(cache),
+                    max_new_tokens=40,  # 2.5 reserves: two refills
+                    do_sample=False,
+                    compile_config=compile_config,
+                    disable_compile=compile_config is None,  # (on CUDA generate would compile by default)
+                )
+            )
+        kept.append(cache.kept_lengths(0))
+    assert hasattr(model, "_compiled_call")  # generate took the compiled forward
+    for out, lengths in zip(outs[1:], kept[1:]):
+        assert torch.equal(out, outs[0]) and torch.equal(lengths, kept[0])
+
+
+@pytest.mark.fast
+def test_make_room_refills_the_reserve_and_keeps_the_tokens():
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch(seq_len=40, pad=5)
+    cache = AdaKVCache(model, 0.5, window=4, reserve=20)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(cache))
+    store = cache.layers[1].store
+    assert store.has_room(20) and not store.has_room(21)
+    cache.make_room(20)  # room enough: nothing moves
+    assert store.has_room(20)
+    b, h = store.shape
+    for _ in range(19):  # decode-like appends into the reserve
+        store.append(torch.randn(b, h, 1, 16), torch.randn(b, h, 1, 16))
+    lengths, (keys, inside) = store.lengths(), store.view(store.keys)
+    cache.make_room(2)  # one row left: every segment gets the reserve again
+    assert store.has_room(20) and not store.has_room(21)
+    assert torch.equal(store.lengths(), lengths)
+    keys_after, inside_after = store.view(store.keys)
+    assert torch.equal(inside_after, inside) and torch.equal(keys_after[inside], keys[inside])
+
+
+@pytest.mark.fast
+def test_compileable_only_with_a_reserve_and_no_decode_policy():
+    model = tiny_model("llama")
+    assert not AdaKVCache(model, 0.5).is_compileable
+    assert AdaKVCache(model, 0.5, reserve=8).is_compileable
+    assert not AdaKVCache(model, 0.5, reserve=8, decode="rescore").is_compileable

@@ -176,8 +176,10 @@ def test_backend_selection_errors(monkeypatch):
     with pytest.raises(ValueError, match="use one of torch, triton, triton-fused, flash"):
         ops_for(torch.zeros(1))
     monkeypatch.setenv("ADAKV_BACKEND", "flash")
-    with pytest.raises(ValueError, match="flash-attn is not available"):
+    with pytest.raises(ValueError, match="flash backend cannot run here: it needs CUDA tensors"):
         ops_for(torch.zeros(1))
+    with pytest.raises(ValueError, match="flash backend cannot run here"):  # at construction, not at the forward
+        AdaKVCache(tiny_model("llama"), 0.5, backend="flash")
     with pytest.raises(ValueError, match="backend must be one of"):
         AdaKVCache(tiny_model("llama"), 0.5, backend="cuda-magic")
     monkeypatch.setenv("ADAKV_BACKEND", "triton")

@@ -319,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "per step), the stronger full-cache baseline; ratios stay relative to the DynamicCache",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="generate with transformers' default CompileConfig (on a CPU too): the decode step of the StaticCache "
+        "and of the AdaKVCaches (built with reserve = the decoded tokens) is compiled; the DynamicCache stays eager",
+    )
+    p.add_argument(
         "--random-weights",
         action="store_true",
         help="build the model from its config with random weights (speed does not depend on them)",

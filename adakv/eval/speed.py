@@ -15,6 +15,11 @@ on the same prose prompt:
   (``decode_tokens``), re-layouts of segments that ran out of slack included; ``decode_p50_ms`` /
   ``decode_p99_ms``: median and 99th percentile of the single steps' times (p99: where the re-layouts show).
 
+With ``compile`` (``adakv-bench speed --compile``) every generate gets a ``CompileConfig`` (transformers' default:
+inductor, ``reduce-overhead``; on a CPU too): transformers then compiles the decode step of every compileable cache
+(the StaticCache; the AdaKVCache, built with ``reserve`` = the decoded tokens), while the DynamicCache stays eager
+(transformers never compiles it). Each configuration's first run, outside the timing, pays the compilation.
+
 Each figure also appears as a ratio to the full cache's (``*_ratio``). Every figure of a row is the median of its
 values over ``repeats`` runs. A configuration that runs out of device memory gets ``error: "out of memory"`` and
 empty figures.
@@ -33,7 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from ..cache import AdaKVCache, kv_bytes
 from ..cache_kwarg import with_cache
@@ -162,16 +167,23 @@ def _greedy(model: Any, new_tokens: int) -> GenerationConfig:
 
 @torch.no_grad()
 def measure(
-    model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], decode_steps: int, memory: bool = True
+    model: Any,
+    ids: torch.Tensor,
+    make_cache: Callable[[], Any],
+    decode_steps: int,
+    memory: bool = True,
+    compile_config: CompileConfig | None = None,
 ) -> dict[str, Any]:
-    """Prefill ``ids`` into a fresh cache and decode ``decode_steps`` greedy tokens through ``model.generate``;
-    one measurement. ``memory=False`` skips the peak memory (on CPU its sampling thread would perturb the timings)."""
+    """Prefill ``ids`` into a fresh cache and decode ``decode_steps`` greedy tokens through ``model.generate``
+    (with ``compile_config`` if given); one measurement. ``memory=False`` skips the peak memory (on CPU its
+    sampling thread would perturb the timings)."""
     device = ids.device
     cache = make_cache()
     held: list[int] = []
     clock = _StepClock(device, lambda: held.append(kv_bytes(cache)))
     # one token more than the steps timed: the first comes from the prefill's logits
     config = _greedy(model, decode_steps + 1)
+    config.compile_config = compile_config
     with peak_memory(device) if memory else contextlib.nullcontext({"peak": None}) as mem:
         with compression_timer(device) as spent:
             _sync(device)
@@ -231,12 +243,22 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _factory(model: Any, method: str, budget: float, window: int, max_len: int) -> Callable[[], Any]:
+def _factory(
+    model: Any, method: str, budget: float, window: int, max_len: int, reserve: int | None
+) -> Callable[[], Any]:
     if method == "full":
         return lambda: full_cache(model)
     if method == "static":  # the full cache preallocated for the whole generation: no copy per decoded token
         return lambda: StaticCache(config=model.config, max_cache_len=max_len)
-    return lambda: AdaKVCache(model, budget, method=method, window=window)
+    return lambda: AdaKVCache(model, budget, method=method, window=window, reserve=reserve)
+
+
+def compile_config_for(device: torch.device) -> CompileConfig:
+    """transformers' default compilation of the decode step, on any device (it compiles only on GPUs unless told)."""
+    config = CompileConfig()
+    if device.type != "cuda":
+        config._compile_all_devices = True
+    return config
 
 
 def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict], list[dict]]:
@@ -249,19 +271,27 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
     points = [(n, b) for n in args.lengths for b in args.batches]
     progress = Progress(len(points) * len(configs) * args.repeats, "speed")
     on_gpu = model.device.type == "cuda"  # the allocator's peak costs nothing there: taken in every run
+    compiled = getattr(args, "compile", False)
+    compile_config = compile_config_for(model.device) if compiled else None
     rows: list[dict] = []
     for length, batch in points:
         ctx, _ = prose_split(tok, length, 1, args.seed)
         ids = ctx.to(model.device).expand(batch, -1).contiguous()
         max_len = ids.shape[1] + args.decode_steps + 1  # every token a run holds (StaticCache's size)
-        factories = [_factory(model, m, b, args.window, max_len) for m, b in configs]
+        reserve = args.decode_steps + 1 if compiled else None  # a compiled AdaKVCache decodes in its reserve
+        factories = [_factory(model, m, b, args.window, max_len, reserve) for m, b in configs]
+        if compiled and len(configs) > len(baselines):
+            factories[-1]()  # an AdaKVCache switches the model's attention: before any trace, not between two
         for factory in factories:  # warm-up: kernels compiled, allocator and clocks up, a re-layout (> 16 steps)
-            measure(model, ids[:, : min(256, length)], factory, max(4, min(32, args.decode_steps)), False)
+            if compiled:  # the timed shapes: the compiled step is traced for them here, not inside the timing
+                measure(model, ids, factory, min(8, args.decode_steps), False, compile_config)
+            else:
+                measure(model, ids[:, : min(256, length)], factory, max(4, min(32, args.decode_steps)), False)
         runs: list[list[dict]] = [[] for _ in configs]
         for _ in range(args.repeats):
             for (method, budget), factory, done in zip(configs, factories, runs):
                 if None not in done:  # a configuration that ran out of memory is not tried again
-                    done.append(_attempt(model, ids, factory, args.decode_steps, on_gpu))
+                    done.append(_attempt(model, ids, factory, args.decode_steps, on_gpu, compile_config))
                 progress.step(f"length={length} batch={batch} {method} {budget:g}")
                 if on_gpu:
                     torch.cuda.empty_cache()
@@ -269,7 +299,9 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> tuple[list[dict
         for (method, budget), factory, done in zip(configs, factories, runs):
             result = _median_of(done)
             if not on_gpu and "error" not in result:  # a separate run, sampled
-                result["peak_bytes"] = measure(model, ids, factory, min(args.decode_steps, 4))["peak_bytes"]
+                result["peak_bytes"] = measure(model, ids, factory, min(args.decode_steps, 4), True, compile_config)[
+                    "peak_bytes"
+                ]
             if method == "full":
                 reference = result
             row = {"length": ids.shape[1], "batch": batch, "method": method, "budget": budget, **result}
