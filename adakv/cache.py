@@ -253,6 +253,15 @@ class AdaKVCache(Cache):
             self.shared.phase.begin_forward(key_states.shape[-2], first.store is None, self.policy.selection.window)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    @property
+    def is_compileable(self) -> bool:
+        # generate compiles the forwards of its chunked prefill too when the cache is compileable; prompt chunks
+        # compress (host syncs, the chunk detection's frame walk), so inside that loop the cache says no and the
+        # chunks run eager. The decode loop asks outside it. (No frame walk while tracing: it cannot run there.)
+        if not super().is_compileable:
+            return False
+        return torch.compiler.is_compiling() or prompt.generate_chunk_size() is None
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # transformers' generate asks this in eager code before each forward when the cache is compileable
         # (prepare_inputs_for_generation builds the mask there): the one moment a compiled decode step leaves to

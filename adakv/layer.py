@@ -217,6 +217,8 @@ class AdaKVLayer(CacheLayerMixin):
                 inputs, self.n_real, self.shared.cascade, lookahead=probe, n_final=self.shared.phase.final_tokens
             )
         self.store = RaggedKV.from_dense(keys, values, choice.keep, slack=self._slack(), ops=self.ops)
+        if self.is_compileable:  # a decode step transformers may compile (and capture in CUDA graphs)
+            self.store.fix_addresses()
         self._compacted(inputs, choice)
 
     def _next_chunk(self, module, query, keys, values, valid, scaling, softcap) -> torch.Tensor:

@@ -77,8 +77,8 @@ class PromptPhase:
             )
         chunk = None
         # generate's last prefill chunk may be a single token (a prompt of k * N + 1): a one-token forward is
-        # looked at too, except while torch.compile traces a decode step (frames cannot be walked there, and
-        # transformers compiles decoding only, never its prefill)
+        # looked at too, except while torch.compile traces a decode step (frames cannot be walked there; generate's
+        # chunked prefill is never traced, as AdaKVCache.is_compileable is False inside it)
         if not self.explicit and (q_len > 1 or not torch.compiler.is_compiling()):
             chunk = generate_chunk_size()
             if chunk is not None and chunk < window:

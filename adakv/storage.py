@@ -46,6 +46,7 @@ class RaggedKV:
         self.length = self._length_host.to(device, copy=True)
         self.start = self._start_host.to(device, copy=True)
         self._counters: torch.Tensor | None = None  # scratch of the fused decode op, made at its first use
+        self.static = False  # see fix_addresses
 
     # Host lengths are folded lazily: a decoded token (the same count appended to every segment) only bumps
     # Python ints, so a decode step runs no host tensor op and can be traced or captured in a CUDA graph.
@@ -136,9 +137,28 @@ class RaggedKV:
             length = length[idx_host]
         total = int(capacity.sum())
         new = RaggedKV(self._alloc(total, self.keys), self._alloc(total, self.values), length, capacity, self.ops)
-        new.slack = self.slack
         self.ops.copy_segments_(new.keys, new.values, self.keys, self.values, src_start, new.start, new.length)
+        self._become(new)
+
+    def _become(self, new: RaggedKV) -> None:
+        """Take ``new``'s buffers and metadata, keeping this storage's slack and address policy."""
+        new.slack, new.static = self.slack, self.static
         self.__dict__.update(new.__dict__)
+        if self.static:
+            self.fix_addresses()
+
+    def fix_addresses(self) -> None:
+        """Tag the tensors a decode step mutates (buffers, starts, lengths, the fused op's counters) as fixed
+        addresses for torch.compile, as transformers' StaticCache does, so that CUDA graphs (generate's default
+        ``reduce-overhead``) are not skipped for mutated inputs. Guarded: after a re-layout (new tensors) a
+        compiled step recompiles instead of replaying the old addresses. Kept through later re-layouts."""
+        self.static = True
+        if torch.compiler.is_compiling():
+            return
+        if self._counters is None:
+            self._counters = torch.zeros(self.length.numel(), dtype=torch.int32, device=self.length.device)
+        for tensor in (self.keys, self.values, self.start, self.length, self._counters):
+            torch._dynamo.mark_static_address(tensor, guard=True)
 
     def has_room(self, q_len: int) -> bool:
         """Every segment can take ``q_len`` more tokens without a re-layout (one int compared, no tensor op)."""
@@ -206,6 +226,8 @@ class RaggedKV:
             raise ValueError("truncate can only shorten segments.")
         self._length_host = length.clone()
         self.length = length.to(self.length.device, copy=True)
+        if self.static:
+            self.fix_addresses()
         self._min_free = self._free()
 
     def view(self, buffer: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +263,7 @@ class RaggedKV:
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
         """Re-lay out the storage with the tokens ``keep`` selects from a dense ``[B, H, M, D]`` view."""
-        new = RaggedKV.from_dense(keys, values, keep, slack=self.slack, ops=self.ops)
-        self.__dict__.update(new.__dict__)
+        self._become(RaggedKV.from_dense(keys, values, keep, slack=self.slack, ops=self.ops))
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Make row b a copy of row ``index[b]`` (reorder, select or repeat sequences)."""

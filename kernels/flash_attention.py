@@ -11,10 +11,10 @@ storage is already such a pack: segment (b, h) is one "sequence" of one KV head 
 * ``enable_gqa=True``: the G query heads share the segment's one KV head.
 
 Only what flash computes exactly as :func:`adakv.kernels.reference.ragged_attention` does goes there: one query
-token per segment (decoding), no logit softcap, fp16/bf16, head_dim <= 256. Everything else (prompt chunks,
-multi-token appends with their causal ``hidden`` offsets, softcap models, fp32) takes the Triton kernel, as the
-``triton`` backend does. A segment with no token gives zeros (the reference's convention), whatever flash returns.
-Flash runs on CUDA only; :func:`unavailable` says why it cannot be used before a cache picks it.
+token per segment (decoding), no logit softcap, fp16/bf16, head_dim a multiple of 8 up to 256. Everything else
+(prompt chunks, multi-token appends with their causal ``hidden`` offsets, softcap models, fp32) takes the Triton
+kernel, as the ``triton`` backend does. A segment with no token gives zeros (the reference's convention),
+whatever flash returns. Flash runs on CUDA only; :func:`unavailable` says why it cannot be used before a cache picks it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def unavailable(device: torch.device) -> str | None:
     """Why the flash backend cannot run on ``device`` (None: it can)."""
     if device.type != "cuda":
         return f"it needs CUDA tensors (flash attention has no {device.type} kernel)"
+    if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        return f"torch's flash attention needs an Ampere or newer GPU, and {name} is older"
     try:
         fn = _varlen()
     except ImportError:
@@ -49,7 +52,8 @@ def unavailable(device: torch.device) -> str | None:
 def takes(q: torch.Tensor, softcap: float | None, hidden: torch.Tensor | None) -> bool:
     """Whether flash computes this call exactly (else the Triton kernel does)."""
     q_len, dim = q.shape[-2], q.shape[-1]
-    return q_len == 1 and softcap is None and hidden is None and q.dtype in HALF and dim <= MAX_HEAD_DIM
+    shape_ok = dim <= MAX_HEAD_DIM and dim % 8 == 0  # flash's head sizes
+    return q_len == 1 and softcap is None and hidden is None and q.dtype in HALF and shape_ok
 
 
 def decode_attention(

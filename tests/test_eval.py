@@ -247,10 +247,10 @@ def test_speed_records_out_of_memory_and_goes_on(tiny_dir, tmp_path, monkeypatch
 
     real = speed.measure
 
-    def measure(model, ids, factory, steps, memory=True):
+    def measure(model, ids, factory, steps, memory=True, compile_config=None):
         if ids.shape[0] == 2 and steps == 2 and isinstance(factory(), AdaKVCache):  # not the warm-up
             raise torch.OutOfMemoryError("simulated")
-        return real(model, ids, factory, steps, memory)
+        return real(model, ids, factory, steps, memory, compile_config)
 
     monkeypatch.setattr(speed, "measure", measure)
     out = tmp_path / "oom"

@@ -86,6 +86,7 @@ def test_flash_takes_only_what_it_computes_exactly(flash):
     assert not flash.takes(q.float(), None, None)  # fp32: Triton
     assert not flash.takes(torch.zeros(1, 1, 1, 2, 64, dtype=torch.bfloat16), None, None)  # a multi-token append
     assert not flash.takes(q, None, torch.zeros(1, 1, dtype=torch.int64))  # padded appends
+    assert not flash.takes(torch.zeros(1, 1, 1, 1, 60, dtype=torch.bfloat16), None, None)  # head_dim % 8 != 0
 
 
 @pytest.mark.fast

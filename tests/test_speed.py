@@ -157,7 +157,11 @@ def test_cli_speed_compile_compiles_the_static_and_adakv_decode(tiny_dir, tmp_pa
     out = tmp_path / "c"
     argv = ["speed", "--model", tiny_dir, "--methods", "ada-snapkv", "--budgets", "0.25", "--lengths", "80"]
     argv += ["--static", "--compile", "--repeats", "1", "--decode-steps", "20", "--no-plots", "--out", str(out)]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert main(argv) == 0
+    assert counters["stats"]["unique_graphs"] >= 2  # the StaticCache's step and the AdaKVCache's were compiled
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["full", "static", "ada-snapkv"]
     assert all(r["decode_tokens"] == 20 and r["error"] is None for r in rows)

@@ -100,7 +100,7 @@ def test_make_room_refills_the_reserve_and_keeps_the_tokens():
     assert store.has_room(20)
     b, h = store.shape
     for _ in range(19):  # decode-like appends into the reserve
-        store.append(torch.randn(b, h, 1, 16), torch.randn(b, h, 1, 16))
+        store.append(torch.randn(b, h, 1, 16, device=DEVICE), torch.randn(b, h, 1, 16, device=DEVICE))
     lengths, (keys, inside) = store.lengths(), store.view(store.keys)
     cache.make_room(2)  # one row left: every segment gets the reserve again
     assert store.has_room(20) and not store.has_room(21)
@@ -115,3 +115,50 @@ def test_compileable_only_with_a_reserve_and_no_decode_policy():
     assert not AdaKVCache(model, 0.5).is_compileable
     assert AdaKVCache(model, 0.5, reserve=8).is_compileable
     assert not AdaKVCache(model, 0.5, reserve=8, decode="rescore").is_compileable
+
+
+def test_compiled_generate_runs_its_chunked_prefill_eager():
+    """generate compiles the chunks of its prefill too when the cache is compileable: inside that loop the cache
+    says it is not, so the chunks (a last one of one token included) are compressed as without compilation."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=49, pad=5)  # 6 chunks of 8 and one of 1
+    runs = []
+    for compile_config in (None, CompileConfig(backend="aot_eager", fullgraph=True, dynamic=True)):
+        if compile_config is not None:
+            compile_config._compile_all_devices = True
+            torch._dynamo.reset()
+        cache = AdaKVCache(model, 10, window=4, reserve=16, backend="torch" if DEVICE.type == "cpu" else None)
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                **with_cache(cache),
+                max_new_tokens=1,  # the prompt's own forwards only: kept as the prefill left them
+                do_sample=False,
+                prefill_chunk_size=8,
+                compile_config=compile_config,
+                disable_compile=compile_config is None,
+            )
+        runs.append((out, cache.kept_lengths(0)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert int(runs[1][1].sum(-1).max()) <= 2 * 10  # within the budget of 10 per head
+
+
+@pytest.mark.fast
+def test_a_reserve_fixes_the_addresses_a_compiled_step_mutates():
+    """With a reserve the buffers and metadata are tagged as static addresses (CUDA graphs need it), through
+    re-layouts too; without one nothing is tagged."""
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch(seq_len=40, pad=5)
+    for reserve in (None, 16):
+        cache = AdaKVCache(model, 0.5, window=4, reserve=reserve)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **with_cache(cache))
+        store = cache.layers[0].store
+        tagged = [getattr(t, "_dynamo_static_input_type", None) for t in (store.keys, store.values, store.length)]
+        assert tagged == (["guarded"] * 3 if reserve else [None] * 3)
+        if reserve:
+            cache.batch_select_indices(torch.tensor([1, 0]))  # a re-layout: new tensors, tagged again
+            assert getattr(store.keys, "_dynamo_static_input_type", None) == "guarded"

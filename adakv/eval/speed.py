@@ -18,7 +18,8 @@ on the same prose prompt:
 With ``compile`` (``adakv-bench speed --compile``) every generate gets a ``CompileConfig`` (transformers' default:
 inductor, ``reduce-overhead``; on a CPU too): transformers then compiles the decode step of every compileable cache
 (the StaticCache; the AdaKVCache, built with ``reserve`` = the decoded tokens), while the DynamicCache stays eager
-(transformers never compiles it). Each configuration's first run, outside the timing, pays the compilation.
+(transformers never compiles it). Each configuration's first run, outside the timing, pays the compilation. The
+reserve is real memory: it counts in ``kv_bytes``. Without ``compile`` nothing is compiled, on a GPU either.
 
 Each figure also appears as a ratio to the full cache's (``*_ratio``). Every figure of a row is the median of its
 values over ``repeats`` runs. A configuration that runs out of device memory gets ``error: "out of memory"`` and
@@ -184,6 +185,7 @@ def measure(
     # one token more than the steps timed: the first comes from the prefill's logits
     config = _greedy(model, decode_steps + 1)
     config.compile_config = compile_config
+    config.disable_compile = compile_config is None  # (on CUDA generate compiles a StaticCache unless told not to)
     with peak_memory(device) if memory else contextlib.nullcontext({"peak": None}) as mem:
         with compression_timer(device) as spent:
             _sync(device)
