@@ -263,17 +263,18 @@ class AdaKVCache(Cache):
         return torch.compiler.is_compiling() or prompt.generate_chunk_size() is None
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        # transformers' generate asks this in eager code before each forward when the cache is compileable
-        # (prepare_inputs_for_generation builds the mask there): the one moment a compiled decode step leaves to
-        # refill the reserve outside its graph. Inside a traced forward nothing may re-lay out.
+        # transformers asks this whenever it builds a forward's mask: at the start of every model forward, and for
+        # a compileable cache in generate's prepare_inputs_for_generation too, in eager code before the compiled
+        # step: the one moment that step leaves to refill the reserve outside its graph. Not while tracing.
         if self.policy.reserve is not None and not torch.compiler.is_compiling():
             self.make_room(query_length)
         return super().get_mask_sizes(query_length, layer_idx)
 
     def make_room(self, tokens: int) -> None:
-        """With ``reserve=``: make sure every segment of every layer can take ``tokens`` more without a re-layout,
-        giving segments that could not the reserve again. Call it before each step of your own compiled decode
-        loop (``generate`` does it for you); inside a compiled step a full segment would break the graph."""
+        """With ``reserve=`` and ``tokens`` up to the reserve: if any segment of a layer cannot take ``tokens`` more,
+        re-lay the layer out with the reserve free again in every segment (otherwise nothing). transformers' mask
+        building calls it before every forward (:meth:`get_mask_sizes`); call it yourself between the steps of a
+        compiled loop whose masks you build: inside a compiled step a full segment would break the graph."""
         for layer in self.layers:
             if isinstance(layer, AdaKVLayer):
                 layer.make_room(tokens)
