@@ -150,15 +150,16 @@ class RaggedKV:
     def fix_addresses(self) -> None:
         """Tag the tensors a decode step mutates (buffers, starts, lengths, the fused op's counters) as fixed
         addresses for torch.compile, as transformers' StaticCache does, so that CUDA graphs (generate's default
-        ``reduce-overhead``) are not skipped for mutated inputs. Guarded: after a re-layout (new tensors) a
-        compiled step recompiles instead of replaying the old addresses. Kept through later re-layouts."""
+        ``reduce-overhead``) are not skipped for mutated inputs. Unguarded, as StaticCache's: a new cache or a
+        re-layout (new tensors) does not recompile the step; CUDA graph trees check static inputs' addresses at
+        each replay and record again when they changed. Kept through later re-layouts."""
         self.static = True
         if torch.compiler.is_compiling():
             return
         if self._counters is None:
             self._counters = torch.zeros(self.length.numel(), dtype=torch.int32, device=self.length.device)
         for tensor in (self.keys, self.values, self.start, self.length, self._counters):
-            torch._dynamo.mark_static_address(tensor, guard=True)
+            torch._dynamo.mark_static_address(tensor)
 
     def has_room(self, q_len: int) -> bool:
         """Every segment can take ``q_len`` more tokens without a re-layout (one int compared, no tensor op)."""

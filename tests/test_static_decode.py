@@ -85,6 +85,21 @@ def test_generate_compiles_the_decode_step_past_the_reserve():
     assert hasattr(model, "_compiled_call")  # generate took the compiled forward
     for out, lengths in zip(outs[1:], kept[1:]):
         assert torch.equal(out, outs[0]) and torch.equal(lengths, kept[0])
+    # a new cache (new tensors) reuses the compiled step: nothing is recompiled
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    cache = AdaKVCache(model, 0.3, window=4, reserve=16, backend="torch" if DEVICE.type == "cpu" else None)
+    with torch.no_grad():
+        again = model.generate(
+            ids,
+            attention_mask=mask,
+            **with_cache(cache),
+            max_new_tokens=40,
+            do_sample=False,
+            compile_config=configs[-1],
+        )
+    assert torch.equal(again, outs[0]) and counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.fast
@@ -158,7 +173,7 @@ def test_a_reserve_fixes_the_addresses_a_compiled_step_mutates():
             model(ids, attention_mask=mask, **with_cache(cache))
         store = cache.layers[0].store
         tagged = [getattr(t, "_dynamo_static_input_type", None) for t in (store.keys, store.values, store.length)]
-        assert tagged == (["guarded"] * 3 if reserve else [None] * 3)
+        assert tagged == (["unguarded"] * 3 if reserve else [None] * 3)  # as StaticCache's: no recompile per cache
         if reserve:
-            cache.batch_select_indices(torch.tensor([1, 0]))  # a re-layout: new tensors, tagged again
-            assert getattr(store.keys, "_dynamo_static_input_type", None) == "guarded"
+            cache.batch_select_indices(torch.tensor([1, 0], device=DEVICE))  # a re-layout: new tensors, tagged
+            assert getattr(store.keys, "_dynamo_static_input_type", None) == "unguarded"
