@@ -156,22 +156,24 @@ class RaggedKV:
         self.static = True
         if torch.compiler.is_compiling():
             return
+        for tensor in (self.keys, self.values, self.start, self.length, self._counter_scratch()):
+            torch._dynamo.mark_static_address(tensor)
+
+    def _counter_scratch(self) -> torch.Tensor:
+        """The fused decode op's per-segment counters: zeros, made once (the op leaves them at zero)."""
         if self._counters is None:
             self._counters = torch.zeros(self.length.numel(), dtype=torch.int32, device=self.length.device)
-        for tensor in (self.keys, self.values, self.start, self.length, self._counters):
-            torch._dynamo.mark_static_address(tensor)
+        return self._counters
 
     def has_room(self, q_len: int) -> bool:
         """Every segment can take ``q_len`` more tokens without a re-layout (one int compared, no tensor op)."""
         return q_len <= self._min_free
 
-    def make_room(self, q_len: int, rows: int) -> bool:
+    def make_room(self, q_len: int, rows: int) -> None:
         """Unless every segment can take ``q_len`` more tokens, re-lay out with ``max(rows, q_len)`` free rows in
-        every segment. Returns whether it re-laid out (the buffers and ``width`` changed)."""
-        if self.has_room(q_len):
-            return False
-        self._relayout(self._length_host + max(rows, q_len))
-        return True
+        every segment."""
+        if not self.has_room(q_len):
+            self._relayout(self._length_host + max(rows, q_len))
 
     def _took(self, q_len: int) -> None:
         """Host bookkeeping of ``q_len`` tokens appended to every segment: Python ints only."""
@@ -211,10 +213,18 @@ class RaggedKV:
         """Append one token ``[B, H, 1, D]`` to every segment and attend ``q`` ``[B, H, G, 1, D]`` over the result,
         in the backend's one fused launch (``ops.decode_``; the caller checked :meth:`has_room` (1)). ``width``
         sizes the launch: >= the longest segment after the append; a fixed value gives a fixed grid."""
-        if self._counters is None:  # the fused op's per-segment counters: zeros, and it leaves them at zero
-            self._counters = torch.zeros(self.length.numel(), dtype=torch.int32, device=self.length.device)
         out = self.ops.decode_(
-            q, new_k, new_v, self.keys, self.values, self.start, self.length, self._counters, scaling, softcap, width
+            q,
+            new_k,
+            new_v,
+            self.keys,
+            self.values,
+            self.start,
+            self.length,
+            self._counter_scratch(),
+            scaling,
+            softcap,
+            width,
         )
         self._took(1)
         return out
