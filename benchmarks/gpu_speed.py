@@ -171,7 +171,7 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     # correctness at this size (long segments exercise the split-K merge): fp32 torch reference
     store = stores[0]
     ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling)
-    err = float((ragged[0]().float() - ref.float()).abs().max() / ref.float().abs().max())
+    err = max_rel_err(ragged[0](), ref)
     del ref
     keys, values = full_kv[0]
     prefill_q = torch.randn(batch, h_kv * group, ctx, dim, device=dev, dtype=dtype, generator=gen)
@@ -208,12 +208,18 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
     }
 
 
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference from the reference, relative to the reference's largest magnitude (fp32)."""
+    want = want.float()
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+
 def flash_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, t_triton: float, dev: str, args) -> dict:
     """The ``flash`` backend's decode attention (torch's varlen flash, each segment one sequence) on the same
     stores, against the Triton kernel's time ``t_triton``; or why it did not run."""
     why = flash_attention.unavailable(q.device)
     if why is None and not flash_attention.takes(q, None, None):
-        why = f"flash takes fp16/bf16 and head_dim <= {flash_attention.MAX_HEAD_DIM} only"
+        why = f"flash takes fp16/bf16 and head_dim a multiple of 8 up to {flash_attention.MAX_HEAD_DIM} only"
     if why is not None:
         return {"not_run": why}
 
@@ -225,8 +231,8 @@ def flash_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, t_triton: 
 
     calls = [call(s) for s in stores]
     store = stores[0]
-    ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling).float()
-    err = float((calls[0]().float() - ref).abs().max() / ref.abs().max())
+    ref = reference.ragged_attention(q, store.keys, store.values, store.start, store.length, scaling)
+    err = max_rel_err(calls[0](), ref)
     t_flash = timed(calls, dev, args.repeats, args.calls)
     g_flash, why_graph = graph_timed(calls, args.repeats, args.calls)
     return {
@@ -276,7 +282,7 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
     store = stores[0]
     got = fused_calls[0]()
     want = reference.ragged_attention(q, store.keys, store.values, store.start, store.length + 1, scaling)
-    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    err = max_rel_err(got, want)
     t_fused = timed(fused_calls, dev, args.repeats, args.calls)
     t_unfused = timed(unfused_calls, dev, args.repeats, args.calls)
     cuda = dev == "cuda"
