@@ -186,6 +186,8 @@ class AdaKVCache(Cache):
             kernel_backend(backend, model_obj.device)
         if prefill_attention is not None:
             prefill_attention.check_model(model_obj if model_obj is not None else config)
+        if model_obj is not None:  # a scorer that cannot score this model is refused now, not at the first forward
+            scorer_obj.check_model(model_obj)
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         unsupported = sorted(set(layer_types) - {"full_attention", *STOCK_LAYER_TYPES})

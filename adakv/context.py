@@ -7,14 +7,12 @@ import copy
 import torch
 
 from .cache_kwarg import with_cache
+from .host import to_device
 from .layer import AdaKVLayer
 from .prompt import mask_positions, prefill_in_chunks
 from .scorers import ContextScorer
+from .scorers.base import attention_modules
 from .selection import Choice, Selection
-
-
-def _attention_modules(model) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "o_proj") and isinstance(getattr(m, "layer_idx", None), int)]
 
 
 @torch.no_grad()
@@ -112,7 +110,7 @@ def score_context(
         n_real = mask.sum(-1)
         phase.mode = "score"
         if scorer.uses_hidden_states:
-            for module in _attention_modules(model):
+            for module in attention_modules(model):
                 hooks.append(module.register_forward_pre_hook(_keep_hidden(phase), with_kwargs=True))
         for step in passes:
             phase.scoring = step
@@ -155,7 +153,7 @@ def settle_context(model, cache, budget: float | int | None = None) -> None:
         if cache.policy.decode is not None:
             cache.policy.decode.check(selection)
         cache.policy.selection = selection
-    _settle(cache, layers, _attention_modules(model))
+    _settle(cache, layers, attention_modules(model))
     cache.shared.phase.unsettled = False
 
 
@@ -190,5 +188,5 @@ def _settle(cache, layers: list[AdaKVLayer], modules: list[torch.nn.Module]) -> 
     total = rankings[0].budget * heads * len(rankings)
     masks = selection.allocator.across_layers([r.ranked for r in rankings], total)
     for (layer, inputs, _), r, mask in zip(ranked, rankings, masks):
-        keep = torch.where(r.whole[:, None, None], inputs.valid, mask & inputs.valid)
+        keep = torch.where(to_device(r.whole, mask.device)[:, None, None], inputs.valid, mask & inputs.valid)
         layer.settle_context(inputs, Choice(keep, r.raw, r.ranked, r.scores))

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
+from . import host
+from .host import to_device
 from .kernels import backend
 from .scorers import PassAttention, ScoreInputs
 from .selection import Choice, map_scores, pack_kept, raw_scores
@@ -153,6 +155,7 @@ class AdaKVLayer(CacheLayerMixin):
         self._clear()
         self.is_initialized = False
         self.shared.phase.failed = False
+        self.shared.phase.unsettled = False  # a scored context is forgotten with the rest
 
     # -- attending ------------------------------------------------------------------------------------------------
     def attend(
@@ -184,13 +187,13 @@ class AdaKVLayer(CacheLayerMixin):
             return self._first_chunk(module, query, keys, values, valid, scaling, softcap, dense)
         if self.shared.phase.compressing:
             return self._next_chunk(module, query, keys, values, valid, scaling, softcap)
-        return self._append(module, query, keys, values, valid, scaling, softcap)
+        # an appended chunk (a question) may be left-padded like a prompt, never right-padded; one read also gives
+        # the real-token counts the append needs
+        counts = None if valid is None else _real_tokens(valid, None)
+        return self._append(module, query, keys, values, valid, scaling, softcap, counts=counts)
 
     def _first_chunk(self, module, query, keys, values, valid, scaling, softcap, dense) -> torch.Tensor:
         bsz, _, seq, _ = keys.shape
-        if valid is None:
-            valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
-        _check_left_padding(valid, None)
         prefill = self.policy.prefill_attention
         if prefill is not None and prefill.applies(module, query.shape[2], seq):
             out = prefill.attention(module, query, keys, values, valid, scaling, softcap)
@@ -200,21 +203,37 @@ class AdaKVLayer(CacheLayerMixin):
         return out
 
     def compress_dense(self, query, keys, values, valid, scaling, softcap, module) -> None:
-        """Select and compact this layer's first prompt chunk from its dense K/V ``[B, H, L, D]``."""
+        """Select and compact this layer's first prompt chunk from its dense K/V ``[B, H, L, D]``; ``valid`` bool
+        ``[B, L]`` (None: every token real).
+
+        The host waits for the device at most twice here: for the real-token counts with the padding check (not
+        at all without padding) and for the kept counts, which size the storage."""
         if self.ops is None:
             self.lazy_initialization(keys, values)
+        bsz, heads, seq, _ = keys.shape
+        if valid is None:
+            valid = torch.ones(bsz, seq, dtype=torch.bool, device=keys.device)
+            counts = torch.full((bsz,), seq, dtype=torch.int64)
+        else:
+            counts = _real_tokens(valid, None)
         probe = self._forget_probe()
-        self.n_real = valid.sum(-1).to("cpu", torch.int64) - probe
-        heads = keys.shape[1]
+        self.n_real = counts - probe
         positions = (torch.cumsum(valid.long(), -1) - 1).masked_fill(~valid, -1)[:, None].expand(-1, heads, -1)
         positions = self._with_probe_positions(positions, probe)
         valid_heads = valid[:, None].expand(-1, heads, -1)
-        inputs = self._inputs(query, keys, values, valid_heads, positions, scaling, softcap, module)
+        # the probe sits at the prompt's last positions, past this chunk: no bound known for it
+        n_positions = None if probe else seq
+        inputs = self._inputs(query, keys, values, valid_heads, positions, scaling, softcap, module, n_positions, probe)
         if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
             choice = Choice(valid_heads.clone())
         else:
             choice = self.policy.selection.select(
-                inputs, self.n_real, self.shared.cascade, lookahead=probe, n_final=self.shared.phase.final_tokens
+                inputs,
+                self.n_real,
+                self.shared.cascade,
+                lookahead=probe,
+                n_final=self.shared.phase.final_tokens,
+                n_candidates=self.n_real * heads,  # the probe's columns are real (prefill_in_chunks checks)
             )
         self.store = RaggedKV.from_dense(keys, values, choice.keep, slack=self._slack(), ops=self.ops)
         if self.is_compileable:  # a decode step transformers may compile (and capture in CUDA graphs)
@@ -224,9 +243,8 @@ class AdaKVLayer(CacheLayerMixin):
     def _next_chunk(self, module, query, keys, values, valid, scaling, softcap) -> torch.Tensor:
         """A later prompt chunk: attend over what is held plus the chunk, then cut every segment back to its
         allocation of all the tokens seen so far."""
-        if valid is not None:
-            _check_left_padding(valid, self.n_real)
-        out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False)
+        counts = None if valid is None else _real_tokens(valid, self.n_real)
+        out = self._append(module, query, keys, values, valid, scaling, softcap, observe=False, counts=counts)
         if self.shared.phase.mode == "hold":  # a context scorer decides later, from its passes
             return out
         store = self.store
@@ -234,7 +252,8 @@ class AdaKVLayer(CacheLayerMixin):
         v_view, _ = store.view(store.values)
         probe = self._forget_probe()
         positions = self._with_probe_positions(self._positions(view=True), probe)
-        inputs = self._inputs(query, k_view, v_view, inside, positions, scaling, softcap, module)
+        n_positions = None if probe else self.seen
+        inputs = self._inputs(query, k_view, v_view, inside, positions, scaling, softcap, module, n_positions, probe)
         if probe:
             self.n_real = self.n_real - probe
         scores = fresh = None
@@ -278,11 +297,16 @@ class AdaKVLayer(CacheLayerMixin):
         self.seen -= probe
         return probe
 
-    def _append(self, module, query, keys, values, valid, scaling, softcap, observe: bool = True) -> torch.Tensor:
+    def _append(
+        self, module, query, keys, values, valid, scaling, softcap, observe: bool = True, counts=None
+    ) -> torch.Tensor:
+        """Append and attend; ``counts``: ``valid``'s real tokens per sequence on the host, when already read."""
         store = self.store
         bsz, h_q, q_len, dim = query.shape
         h_kv = keys.shape[1]
-        if valid is not None and bool(valid.all()):
+        if valid is not None and counts is None:
+            (counts,) = host.to_host(valid.sum(-1))
+        if valid is not None and bool((counts == q_len).all()):
             valid = None
         self.cascade_scores = None  # they describe the rows of the last prompt chunk only
         q = query.reshape(bsz, h_kv, h_q // h_kv, q_len, dim)
@@ -301,16 +325,16 @@ class AdaKVLayer(CacheLayerMixin):
             if observe and self.decode_state is not None:
                 self.decode_state.after_append(self, module, q, scaling, softcap, None, None)
             return out.reshape(bsz, h_q, q_len, dim).transpose(1, 2).contiguous()
-        store.append(keys, values, valid)
+        store.append(keys, values, valid, None if valid is None else counts)
         if valid is None:
             self._decoded += q_len
         else:
-            self.n_real = self.n_real + valid.sum(-1).to("cpu", torch.int64)
+            self.n_real = self.n_real + counts
         hidden = None
         if valid is not None:
             count = torch.cumsum(valid.long(), -1)
             hidden = count[:, -1:] - count  # valid new tokens after query i, invisible to it
-        if static and store.max_length() <= store.width:
+        if static and (q_len == 1 or torch.compiler.is_compiling()) and store.max_length() <= store.width:
             # fixed width (the widest segment's capacity) and device metadata only: traceable, capturable
             out = self.ops.ragged_attention_static(
                 q, store.keys, store.values, store.start, store.length, scaling, softcap, hidden, store.width
@@ -410,7 +434,8 @@ class AdaKVLayer(CacheLayerMixin):
         bsz, heads, _, dim = k_view.shape
         group = module.o_proj.in_features // (heads * dim)  # query heads per KV head, for value-aware finalizers
         query = k_view.new_zeros(bsz, heads * group, 0, dim)
-        inputs = self._inputs(query, k_view, v_view, inside, self._positions(view=True), 1.0, None, module)
+        positions = self._positions(view=True)
+        inputs = self._inputs(query, k_view, v_view, inside, positions, 1.0, None, module, self.seen)
         scores = store.rows_to_view(self.context_scores, 0.0, k_view.shape[2])
         scorer = self.policy.selection.scorer
         return inputs, scorer.finalize(scores, inputs)
@@ -426,21 +451,36 @@ class AdaKVLayer(CacheLayerMixin):
         reserve = self.policy.reserve
         return MIN_SLACK if reserve is None else max(MIN_SLACK, reserve)
 
-    def _inputs(self, query, keys, values, valid, positions, scaling, softcap, module) -> ScoreInputs:
+    def _inputs(
+        self, query, keys, values, valid, positions, scaling, softcap, module, n_positions, lookahead=0
+    ) -> ScoreInputs:
         window = self.policy.selection.window
         return ScoreInputs(
-            query, keys, values, valid, window, scaling, softcap, module, self.rank, self.num_compressed, positions
+            query,
+            keys,
+            values,
+            valid,
+            window,
+            scaling,
+            softcap,
+            module,
+            self.rank,
+            self.num_compressed,
+            positions,
+            n_positions,
+            lookahead,
         )
 
     def _compacted(self, inputs: ScoreInputs, choice: Choice, earlier=None) -> None:
         """Bookkeeping after the storage was rebuilt from ``inputs``' candidates with ``choice.keep``;
         ``earlier``: the held tokens' previous ``held_scores`` in ``inputs``' layout (see :meth:`_held_view`)."""
         keep = choice.keep
-        self.pos_rows = pack_kept(inputs.positions, keep, fill=-1)
-        self.pos_count = keep.sum(-1).to("cpu", torch.int64)
+        width = self.store.max_length()  # the store was just laid out from keep: its host counts are keep's
+        self.pos_rows = pack_kept(inputs.positions, keep, fill=-1, width=width)
+        self.pos_count = self.store.lengths()
         self.pos_next = self.n_real.clone()
         if self.shared.cascade is not None:
-            self.cascade_scores = pack_kept(choice.ranked, keep) if choice.ranked is not None else None
+            self.cascade_scores = pack_kept(choice.ranked, keep, width=width) if choice.ranked is not None else None
         if self.policy.decode is not None:
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
         # a choice without scores kept every candidate: the held rows stay in order, their earlier scores apply
@@ -448,12 +488,12 @@ class AdaKVLayer(CacheLayerMixin):
             scores = choice.scores
             if choice.whole is not None and bool(choice.whole.any()):
                 # a sequence that kept everything was not cut: as alone in its batch, it keeps its earlier scores
-                whole = choice.whole.to(keep.device)[:, None, None]
+                whole = to_device(choice.whole, keep.device)[:, None, None]
                 if earlier is None:
                     scores = map_scores(lambda t: t.float().masked_fill(whole, float("-inf")), scores)
                 else:
                     scores = map_scores(lambda t, e: torch.where(whole, e, t.float()), scores, earlier)
-            self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep), scores)
+            self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep, width=width), scores)
 
     def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
         """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every
@@ -463,8 +503,10 @@ class AdaKVLayer(CacheLayerMixin):
         v_view, _ = store.view(store.values)
         q_len = min(queries.shape[2], k_view.shape[2])
         positions = self._positions(view=True)
-        inputs = self._inputs(queries[:, :, -q_len:], k_view, v_view, inside, positions, scaling, softcap, module)
-        choice = self.policy.selection.select(inputs, self.n_real, None)
+        inputs = self._inputs(
+            queries[:, :, -q_len:], k_view, v_view, inside, positions, scaling, softcap, module, self.seen
+        )
+        choice = self.policy.selection.select(inputs, self.n_real, None, n_candidates=store.lengths().sum(-1))
         if bool((choice.keep == inside).all()):
             return
         earlier = self._held_view(k_view.shape[2])
@@ -492,6 +534,8 @@ class AdaKVLayer(CacheLayerMixin):
         held = self.cascade_scores > float("-inf")
         if settle or self.store.length.sum() > factor * held.sum():
             self.evict_rows(held)
+            if self.decode_state is not None:  # started from this layer's own cut, before the cascade's
+                self.decode_state.rows_kept(self, held)
 
     def _positions(self, view: bool) -> torch.Tensor:
         """Positions of the held tokens ``[B, H, M]`` (-1 past a segment's end): in row order, or right-aligned
@@ -546,14 +590,17 @@ class AdaKVLayer(CacheLayerMixin):
         return 0 if self.store is None else self.store.nbytes()
 
 
-def _check_left_padding(valid: torch.Tensor, n_real: torch.Tensor | None) -> None:
-    """Padding must come first: no 0 after a real token, in this chunk or after earlier real tokens."""
-    bad = bool((valid[:, 1:] < valid[:, :-1]).any())
-    if not bad and n_real is not None:
-        bad = bool(((n_real.to(valid.device) > 0) & ~valid.all(-1)).any())
-    if bad:
+def _real_tokens(valid: torch.Tensor, n_real: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens of each sequence in ``valid`` ``[B, L]`` (host int64 ``[B]``), read in one transfer with the
+    check that padding comes first: no 0 after a real token, in this chunk or after the ``n_real`` earlier ones."""
+    bad = (valid[:, 1:] < valid[:, :-1]).any()
+    if n_real is not None:
+        bad = bad | ((to_device(n_real, valid.device) > 0) & ~valid.all(-1)).any()
+    counts, bad = host.to_host(valid.sum(-1), bad)
+    if bool(bad):
         raise ValueError(
             "AdaKVCache needs left padding, but the attention mask has a 0 after a real token. Set "
             "tokenizer.padding_side = 'left'. If the prompt contains the pad token (e.g. a chat turn end), pass "
             "attention_mask explicitly: generate() otherwise marks every pad-token id as padding."
         )
+    return counts

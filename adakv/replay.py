@@ -56,6 +56,11 @@ def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 @torch.no_grad()
 def replay(model, record: PrefillRecord, budget: float | int, **cache_kwargs) -> AdaKVCache:
     """An AdaKVCache in the state the live prefill would have left it in, built from ``record``."""
+    if cache_kwargs.get("prefill_attention") is not None:
+        raise ValueError(
+            "replay rebuilds a cache from a recorded dense prefill, so a prefill_attention policy (CritiPrefill) would "
+            "not be applied: build that cache with a live prefill instead."
+        )
     cache = AdaKVCache(model, budget, **cache_kwargs)
     for idx, layer in enumerate(cache.layers):
         if not isinstance(layer, AdaKVLayer):

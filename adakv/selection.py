@@ -13,6 +13,7 @@ import torch
 
 from .allocators import Allocator, CrossLayerAllocator
 from .allocators.base import topk_mask
+from .host import to_device
 from .scorers import ScoreInputs, Scorer, StagedScores
 
 if TYPE_CHECKING:
@@ -54,8 +55,8 @@ class Choice:
     ``keep``: bool keep mask; ``raw``: the scorer's scores (its second stage for staged scorers), fp32, or
     None when everything was kept without scoring; ``ranked``: the scores the allocator ranked (+inf where
     kept by rule, -inf at padding), or None likewise; ``scores``: the scorer's whole output (both stages of
-    :class:`~adakv.scorers.StagedScores`), or None likewise; ``whole``: bool ``[B]``, the sequences that kept
-    every candidate although others were scored (None: no sequence was scored).
+    :class:`~adakv.scorers.StagedScores`), or None likewise; ``whole``: bool ``[B]`` on the host, the sequences
+    that kept every candidate although others were scored (None: no sequence was scored).
     """
 
     keep: torch.Tensor
@@ -68,7 +69,9 @@ class Choice:
 @dataclass
 class Ranking:
     """One layer's candidates ready for an allocator: ``ranked`` ``[B, H, L]`` (+inf kept by rule, -inf padding),
-    the scorer's ``raw`` scores, the per-head ``budget`` ``[B]`` and the sequences that keep everything (``whole``)."""
+    the scorer's ``raw`` scores, the per-head ``budget`` ``[B]`` and the sequences that keep everything (``whole``
+    ``[B]``); ``budget``, ``whole`` and ``head_budgets`` are host tensors (the allocators size their selections
+    from them without waiting for the device)."""
 
     ranked: torch.Tensor
     raw: torch.Tensor
@@ -84,8 +87,9 @@ class Selection:
     The per-head budget of sequence b is ``round(budget * n_b)`` for a float budget and
     ``min(budget, n_b)`` for an int, n_b being the real (unpadded) tokens the sequence has *seen*
     (evicted ones included), so a prompt given in chunks ends with the same budget as in one piece.
-    The last ``min(window, per-head budget)`` candidates are always kept and count inside the budget;
-    padding is never kept. A sequence whose candidates fit in its budget keeps them all.
+    The last ``min(window, per-head budget)`` candidates are always kept and count inside the budget, after the
+    tokens a scorer pins with ``+inf`` (sinks: StreamingLLM, KVzip): a head's window is then at most its budget
+    minus its pinned tokens. Padding is never kept. A sequence whose candidates fit in its budget keeps them all.
 
     Cross-layer allocators (:class:`~adakv.allocators.CrossLayerAllocator`) split one budget over the
     layers through the cache's :class:`~adakv.cascade.Cascade`; with a staged scorer the first stage is
@@ -126,10 +130,11 @@ class Selection:
         scores: torch.Tensor | None = None,
         lookahead: int = 0,
         n_final: torch.Tensor | None = None,
+        n_candidates: torch.Tensor | None = None,
     ) -> Ranking | None:
         """The scores the allocator ranks (+inf where kept by rule, -inf at padding) and the budgets; None when
         every sequence keeps all its candidates. ``scores``: use these instead of calling the scorer;
-        ``lookahead``, ``n_final``: see :meth:`select`."""
+        ``lookahead``, ``n_final``, ``n_candidates``: see :meth:`select`."""
         valid = candidates(inputs, lookahead)
         heads, seq = inputs.keys.shape[1], inputs.keys.shape[2]
         per_head = self.per_head(n_seen, inputs.layer, inputs.num_layers, n_final)
@@ -138,15 +143,22 @@ class Selection:
             # says nothing: the layers still compete. Only a prompt within budget (nothing ever cut) is whole.
             whole = per_head >= n_seen.to("cpu", torch.int64)
         else:
-            whole = per_head * heads >= valid.sum((1, 2)).cpu()  # [B]
+            if n_candidates is None:
+                n_candidates = valid.sum((1, 2)).cpu()  # waits for the device: callers that know it pass it
+            whole = per_head * heads >= n_candidates.to("cpu", torch.int64)  # [B]
         if bool(whole.all()):
             return None
         out = self.scorer(inputs) if scores is None else scores
+        raw = raw_scores(out)
         # the window is kept by rule; under a lookahead the window is the probe, which is not a candidate
-        protect = torch.minimum(per_head, torch.tensor(0 if lookahead else self.window)).to(valid.device)
+        protect = per_head.clamp(max=0 if lookahead else self.window)  # host [B]
+        # tokens the scorer pins with +inf (sinks) come first: the window keeps what they leave of each head's budget
+        pinned = ((raw == float("inf")) & valid).sum(-1)  # [B, H]
+        room = (to_device(per_head, valid.device)[:, None] - pinned).clamp(min=0)
+        window = torch.minimum(to_device(protect, valid.device)[:, None], room)
         from_end = torch.arange(seq - 1, -1, -1, device=valid.device)
-        protected = (from_end[None, :] < protect[:, None])[:, None, :]  # right-aligned: the window is the tail
-        budget = per_head.to(valid.device)
+        protected = from_end < window[..., None]  # right-aligned: the window is the tail
+        budget = per_head
         head_budgets = None
         if isinstance(out, StagedScores):
             first = self._prepare(out.first, protected, valid)
@@ -159,12 +171,11 @@ class Selection:
                 # as CriticalKV's code (CriticalAdaKVPress): the allocator sets each head's total once, from the
                 # first-stage (base) scores; each head keeps floor(first_fraction x its total) by them (the window,
                 # at +inf, inside), then fills its own total by the second-stage scores; heads do not compete again
-                head_budgets = self.allocator(first, budget).sum(-1)
+                head_budgets = self.allocator(first, budget).sum(-1).cpu()  # each head's total, read once
                 stage1 = torch.floor(head_budgets.double() * out.first_fraction).long()
                 protected = protected | head_topk(first, stage1)
-        raw = raw_scores(out)
         ranked = self._prepare(raw, protected, valid)
-        return Ranking(ranked, raw, budget, whole.to(valid.device), out, head_budgets)
+        return Ranking(ranked, raw, budget, whole, out, head_budgets)
 
     def select(
         self,
@@ -174,6 +185,7 @@ class Selection:
         scores: torch.Tensor | None = None,
         lookahead: int = 0,
         n_final: torch.Tensor | None = None,
+        n_candidates: torch.Tensor | None = None,
     ) -> Choice:
         """Keep mask ``[B, H_kv, L]`` over ``inputs``' candidates, for sequences that have seen ``n_seen``.
 
@@ -183,9 +195,10 @@ class Selection:
         them as its window, but they are not candidates (never kept, not counted in ``n_seen``) and no other
         token is kept by rule; ``n_final``: the real tokens each prompt will have once all its chunks are in
         (known to :func:`adakv.prefill_in_chunks`): a chunk keeps up to the final budget, not the budget of
-        the tokens seen so far (see :meth:`per_head`)."""
+        the tokens seen so far (see :meth:`per_head`); ``n_candidates``: host int64 ``[B]``, the candidates of each
+        sequence over its heads when the caller knows them (else they are counted, a wait for the device)."""
         valid = candidates(inputs, lookahead)
-        ranking = self.rank(inputs, n_seen, scores, lookahead, n_final)
+        ranking = self.rank(inputs, n_seen, scores, lookahead, n_final, n_candidates)
         if ranking is None:
             return Choice(valid.clone())
         if cascade is not None:
@@ -194,7 +207,7 @@ class Selection:
             keep = head_topk(ranking.ranked, ranking.head_budgets)
         else:
             keep = self.allocator(ranking.ranked, ranking.budget)
-        keep = torch.where(ranking.whole[:, None, None], valid, keep & valid)
+        keep = torch.where(to_device(ranking.whole, valid.device)[:, None, None], valid, keep & valid)
         return Choice(keep, ranking.raw, ranking.ranked, ranking.scores, ranking.whole)
 
     def _prepare(self, scores: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -244,10 +257,14 @@ def raw_scores(scores: torch.Tensor | StagedScores) -> torch.Tensor:
     return (scores.second if isinstance(scores, StagedScores) else scores).float()
 
 
-def pack_kept(values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
-    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, ``fill`` after."""
-    counts = keep.sum(-1)
-    width = int(counts.max()) if counts.numel() else 0
+def pack_kept(
+    values: torch.Tensor, keep: torch.Tensor, fill: float = float("-inf"), width: int | None = None
+) -> torch.Tensor:
+    """The kept entries of ``values`` ``[B, H, M]``, left-aligned in position order, ``fill`` after. ``width``: the
+    most any row keeps, when the host knows it (else it is counted, a wait for the device)."""
+    if width is None:
+        counts = keep.sum(-1)
+        width = int(counts.max()) if counts.numel() else 0
     out = torch.full((*values.shape[:-1], width + 1), fill, dtype=values.dtype, device=values.device)
     slot = torch.where(keep, torch.cumsum(keep.long(), -1) - 1, width)
     return out.scatter_(-1, slot, values.masked_fill(~keep, fill))[..., :width]

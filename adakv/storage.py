@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import host
 from .kernels import ops_for
 
 # Slack rows given to every segment when it is (re)laid out: a fixed minimum at
@@ -42,9 +43,10 @@ class RaggedKV:
         self._start_host = torch.cumsum(self._cap_host.reshape(-1), 0).reshape(self._cap_host.shape) - self._cap_host
         self._min_free = self._free()  # rows every segment can still take: decoding checks one int, not tensors
         device = keys.device
-        # copies (not aliases, even on CPU): the host and device metadata are updated separately
-        self.length = self._length_host.to(device, copy=True)
-        self.start = self._start_host.to(device, copy=True)
+        # copies (not aliases, even on CPU): the host and device metadata are updated separately; not waiting
+        # for the device (see adakv.host)
+        self.length = self._length_host.to(device, copy=True, non_blocking=True)
+        self.start = self._start_host.to(device, copy=True, non_blocking=True)
         self._counters: torch.Tensor | None = None  # scratch of the fused decode op, made at its first use
         self.static = False  # see fix_addresses
 
@@ -79,8 +81,9 @@ class RaggedKV:
         slack: int = MIN_SLACK,
         ops: SimpleNamespace | None = None,
     ) -> RaggedKV:
-        """Compact the tokens selected by ``keep`` ``[B, H, L]`` out of dense ``[B, H, L, D]`` tensors."""
-        length = keep.sum(-1).to("cpu", torch.int64)
+        """Compact the tokens selected by ``keep`` ``[B, H, L]`` out of dense ``[B, H, L, D]`` tensors. The kept
+        counts are read on the host (they size the buffers): the one wait for the device of a compaction."""
+        (length,) = host.to_host(keep.sum(-1))
         capacity = length + slack
         total = int(capacity.sum())
         store = cls(cls._alloc(total, keys), cls._alloc(total, values), length, capacity, ops)
@@ -180,8 +183,15 @@ class RaggedKV:
         self._pending += q_len
         self._min_free -= q_len
 
-    def append(self, new_k: torch.Tensor, new_v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment."""
+    def append(
+        self,
+        new_k: torch.Tensor,
+        new_v: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> None:
+        """Append ``[B, H, Q, D]`` tokens (only those where ``valid[b, q]``) to every segment; ``counts``: ``valid``'s
+        per-sequence sums on the host, when the caller has read them already."""
         q_len = new_k.shape[2]
         if valid is None and self.has_room(q_len):  # decoding: room everywhere, no tensor op on the host
             self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length)
@@ -190,8 +200,10 @@ class RaggedKV:
             return
         if valid is None:
             added = torch.full((new_k.shape[0], 1), q_len, dtype=torch.int64)
+        elif counts is not None:
+            added = counts.to("cpu", torch.int64).reshape(-1, 1)
         else:
-            added = valid.sum(-1, keepdim=True).to("cpu", torch.int64)
+            (added,) = host.to_host(valid.sum(-1, keepdim=True))
         needed = self._length_host + added
         if bool((needed > self._cap_host).any()):
             slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=self.slack)

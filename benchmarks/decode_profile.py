@@ -27,8 +27,8 @@ from transformers import DynamicCache, StaticCache
 
 import adakv
 from adakv import AdaKVCache, with_cache
-from adakv.eval.cli import load_model
-from adakv.eval.runinfo import machine_line, run_info
+from adakv.eval.cli import add_model_args, load_model
+from adakv.eval.runinfo import run_info, summary_header
 
 
 def _caches(model, args) -> dict:
@@ -95,10 +95,7 @@ def _profile(model, make_cache, ids: torch.Tensor, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="a harness model name, or llama3-8b-shape (random weights)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--random-weights", action="store_true")
+    add_model_args(ap)
     ap.add_argument("--length", type=int, default=2324, help="prompt tokens (random ids, seeded)")
     ap.add_argument("--steps", type=int, default=32, help="decoded tokens profiled")
     ap.add_argument("--warmup", type=int, default=4)
@@ -122,12 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     lines = [
-        "# Decode-step profile",
-        "",
-        f"`{result['command']}`",
-        "",
-        f"{result['date']}; {machine_line(result['machine'])}; {result['versions']}",
-        "",
+        *summary_header("Decode-step profile", result),
         "ms/token: the mean over the steps before the profiled ones (the same count) and over the profiled steps "
         "(with the profiler's overhead); self ms: the op's own time per decoded token (device time on CUDA), "
         "profiled.",

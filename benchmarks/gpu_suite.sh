@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check the open issues need (#10 decode speed and kernels, #12 CritiPrefill speed), in three commands
-# of under 10 minutes each, so that a session lent a GPU spends its 30 device minutes measuring, not setting up.
+# Every GPU check the open issues need (#10 decode speed, kernels and prefill overhead, #12 CritiPrefill speed), in
+# four commands of under 10 minutes each, so that a session lent a GPU spends its 30 device minutes measuring, not setting up.
 #
 # Usage (the repository root is the working directory; the device tool's run takes each as its command):
 #   bash benchmarks/gpu_suite.sh tests      # environment report + the kernel tests on CUDA (fp32/fp16/bf16)
 #   bash benchmarks/gpu_suite.sh speed      # benchmarks/gpu_speed.py: decode attention and end to end
-#   bash benchmarks/gpu_suite.sh prefill    # decode_profile.py on CUDA + critiprefill_speed.py
+#   bash benchmarks/gpu_suite.sh prefill    # decode_profile.py + prefill_overhead.py on CUDA, 32k tokens
+#   bash benchmarks/gpu_suite.sh critiprefill   # critiprefill_speed.py
 # with `carry: [".whl"]` where the device's transformers is older than the one CI tests (prepare .whl here:
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -14,7 +15,7 @@
 # into benchmarks/results/ and commit them with the device name. Each step has its own time limit so a slow one
 # cannot take the others' output with it. Locally, `OUT=/tmp/x bash benchmarks/gpu_suite.sh env` checks the setup.
 set -uo pipefail
-stage=${1:?stage: env, tests, speed or prefill}
+stage=${1:?stage: env, tests, speed, prefill or critiprefill}
 OUT=${OUT:?OUT must name the output folder}
 mkdir -p "$OUT"
 log="$OUT/$stage.log"
@@ -90,10 +91,15 @@ speed)
 prefill)
     run_step 200 decode_profile $py benchmarks/decode_profile.py --device cuda --model llama3-8b-shape \
         --dtype bfloat16 --length 32768 --steps 32 --out "$results/decode_profile"
+    # issue #10 section 6: compression's share of a 32k prefill (goal <= 5% for ada-snapkv), CUDA syncs counted
+    run_step 300 prefill_overhead $py benchmarks/prefill_overhead.py --device cuda --model llama3-8b-shape \
+        --dtype bfloat16 --lengths 32768 --methods ada-snapkv defensivekv --out "$results/prefill_overhead"
+    ;;
+critiprefill)
     run_step 340 critiprefill_speed $py benchmarks/critiprefill_speed.py --out "$results/critiprefill_gpu.json"
     ;;
 *)
-    echo "unknown stage $stage: env, tests, speed or prefill"
+    echo "unknown stage $stage: env, tests, speed, prefill or critiprefill"
     exit 2
     ;;
 esac

@@ -30,11 +30,12 @@ def _copy_rows_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
+    dst = tl.load(dst_row + rows, mask=rows < n_rows, other=-1)
+    row_ok = dst >= 0  # a row with destination -1 is skipped
     mask = row_ok[:, None] & (cols[None, :] < dim)
     sk = tl.load(src_off_k + rows, mask=row_ok, other=0)
     sv = tl.load(src_off_v + rows, mask=row_ok, other=0)
-    d = tl.load(dst_row + rows, mask=row_ok, other=0) * dim
+    d = dst * dim
     k = tl.load(src_k + sk[:, None] + cols[None, :], mask=mask)
     v = tl.load(src_v + sv[:, None] + cols[None, :], mask=mask)
     tl.store(dst_k + d[:, None] + cols[None, :], k, mask=mask)
@@ -50,7 +51,8 @@ def copy_rows_(
     src_off_k: torch.Tensor,
     src_off_v: torch.Tensor,
 ) -> None:
-    """``dst[dst_row[i]] = src.flatten()[src_off[i] : src_off[i] + dim]`` for K and V, one launch."""
+    """``dst[dst_row[i]] = src.flatten()[src_off[i] : src_off[i] + dim]`` for K and V, one launch; rows with
+    ``dst_row[i] == -1`` are skipped."""
     n_rows, dim = dst_row.numel(), dst_k.shape[-1]
     if n_rows == 0:
         return
@@ -73,14 +75,20 @@ def _dense_offsets(t: torch.Tensor, b: torch.Tensor, h: torch.Tensor, pos: torch
 
 
 def compact_(k_buf, v_buf, keys, values, keep, start) -> None:
-    """Triton version of :func:`adakv.kernels.reference.compact_`."""
+    """Triton version of :func:`adakv.kernels.reference.compact_`. Every (segment, position) is a row of the
+    launch and the evicted ones are skipped in the kernel: no ``nonzero``, whose data-dependent size would make
+    the host wait for the device."""
     bsz, heads, seq, _ = keys.shape
     flat_keep = keep.reshape(bsz * heads, seq)
-    seg, pos = flat_keep.nonzero(as_tuple=True)
-    rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(flat_keep.sum(-1))[seg]
-    dst = start.reshape(-1)[seg] + rank
-    b, h = seg // heads, seg % heads
-    copy_rows_(k_buf, v_buf, dst, keys, values, _dense_offsets(keys, b, h, pos), _dense_offsets(values, b, h, pos))
+    rank = torch.cumsum(flat_keep, -1) - 1  # a kept token's row in its segment
+    dst = torch.where(flat_keep, start.reshape(-1, 1) + rank, -1).reshape(-1)
+    device = keys.device
+    b = torch.arange(bsz, device=device)[:, None, None]
+    h = torch.arange(heads, device=device)[None, :, None]
+    pos = torch.arange(seq, device=device)[None, None, :]
+    src_k = _dense_offsets(keys, b, h, pos).expand(bsz, heads, seq).reshape(-1)
+    src_v = _dense_offsets(values, b, h, pos).expand(bsz, heads, seq).reshape(-1)
+    copy_rows_(k_buf, v_buf, dst, keys, values, src_k, src_v)
 
 
 def copy_segments_(dst_k, dst_v, src_k, src_v, src_start, dst_start, length) -> None:

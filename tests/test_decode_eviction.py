@@ -196,3 +196,41 @@ def test_rescore_window_is_the_caches_even_after_a_short_last_chunk():
         model.generate(ids, **with_cache(cache), max_new_tokens=12, do_sample=False, prefill_chunk_size=16)
     state = cache.layers[0].decode_state
     assert state.window == 8 and state.queries.shape[2] == 8
+
+
+def test_h2o_state_follows_the_cross_layer_cascade(monkeypatch):
+    """With a cross-layer allocator the cascade cuts earlier layers after their own cut started the H2O state:
+    each held row's H2O score must stay its own token's, and each head's target within what it holds."""
+    from adakv.decode.h2o import H2ODecode as Policy
+    from adakv.selection import pack_kept
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=48, pad=7)
+    scored = {}  # layer rank -> {(b, h, position): score} at the layer's own cut
+    start = Policy.start
+
+    def recording(self, layer, inputs, choice, previous):
+        state = start(self, layer, inputs, choice, previous)
+        positions = pack_kept(inputs.positions, choice.keep, fill=-1)
+        scored[layer.rank] = {
+            (b, h, int(p)): float(state.scores[b, h, m])
+            for (b, h, m), p in zip(
+                torch.cartesian_prod(*map(torch.arange, positions.shape)).tolist(), positions.flatten().tolist()
+            )
+            if p >= 0
+        }
+        return state
+
+    monkeypatch.setattr(Policy, "start", recording)
+    cache = AdaKVCache(model, 0.3, method="layer-defensivekv", decode="h2o", window=4)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(cache))
+    for layer in cache.layers:
+        state, held = layer.decode_state, layer._positions(view=False)
+        lengths = layer.store.lengths()
+        assert bool((state.target <= lengths).all())
+        for (b, h, m), p in zip(torch.cartesian_prod(*map(torch.arange, held.shape)).tolist(), held.flatten().tolist()):
+            if p >= 0:
+                assert float(state.scores[b, h, m]) == scored[layer.rank][(b, h, p)]
+    # the cascade did cut earlier layers after their own cut
+    assert sum(len(v) for v in scored.values()) > sum(int(layer.store.lengths().sum()) for layer in cache.layers)

@@ -4,22 +4,13 @@ caches and writes the JSON and summary it promises. Structure only, no timing as
 from __future__ import annotations
 
 import json
-import runpy
-from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny_models import run_benchmark
 
 
 def test_decode_profile_writes_every_cache(tmp_path):
-    main = runpy.run_path(str(ROOT / "benchmarks" / "decode_profile.py"))["main"]
-    before = torch.get_num_threads()
-    try:
-        argv = ["--random-weights", "--length", "96", "--steps", "3", "--warmup", "1", "--threads", "1"]
-        main([*argv, "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(before)
+    argv = ["--random-weights", "--length", "96", "--steps", "3", "--warmup", "1", "--threads", "1"]
+    run_benchmark("decode_profile.py", [*argv, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "profile.json").read_text())
     assert {"command", "date", "machine", "versions", "args", "caches"} <= set(data)
     caches = data["caches"]

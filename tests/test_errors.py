@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_model
+from tiny_models import COMMON, padded_batch, tiny_model
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -118,6 +118,33 @@ def test_right_padding_is_refused(model):
         model(ids, attention_mask=right, **with_cache(AdaKVCache(model, budget=0.5)))
 
 
+def test_right_padded_question_appended_to_a_compressed_cache_is_refused(model):
+    ids, mask = padded_batch()
+    cache = AdaKVCache(model, budget=0.5)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(cache))
+        question = torch.ones(ids.shape[0], 5, dtype=mask.dtype)
+        left, right = question.clone(), question.clone()
+        left[0, :2] = 0  # a left-padded question is fine
+        right[0, -2:] = 0
+        with pytest.raises(ValueError, match="padding_side = 'left'"):
+            model(ids[:, :5], attention_mask=torch.cat([mask, right], -1), **with_cache(cache))
+        cache.reset()
+        model(ids, attention_mask=mask, **with_cache(cache))
+        model(ids[:, :5], attention_mask=torch.cat([mask, left], -1), **with_cache(cache))
+    assert cache.layers[0].n_real.tolist() == (mask.sum(-1) + left.sum(-1)).tolist()
+
+
+def test_replay_refuses_a_prefill_attention_policy(model):
+    from adakv import CritiPrefill
+    from adakv.replay import record_prefill, replay
+
+    ids, mask = padded_batch()
+    record = record_prefill(model, ids, mask)
+    with pytest.raises(ValueError, match="prefill_attention"):
+        replay(model, record, 0.5, prefill_attention=CritiPrefill())
+
+
 def test_model_with_only_sliding_layers_is_refused():
     model = tiny_model("mistral", sliding_window=16)
     with pytest.raises(ValueError, match="only sliding-window layers"):
@@ -174,3 +201,28 @@ def test_a_cache_built_inside_sparse_prefill_is_pointed_to_prefill_attention():
     model = tiny_model("llama")  # not the shared one: an AdaKVCache made earlier activated adakv's attention there
     with sparse_prefill(model, layer_skip=0), pytest.raises(ValueError, match="prefill_attention=adakv.CritiPrefill"):
         AdaKVCache(model, 0.2)
+
+
+def _small(config_cls, model_cls, **extra):
+    import transformers as tf
+
+    config = getattr(tf, config_cls)(**{**COMMON, "num_hidden_layers": 2, **extra})
+    return getattr(tf, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("method", ["expected-attention", "ada-expected-attention"])
+def test_expected_attention_refuses_interleaved_rope_when_built(method):
+    """Cohere rotates interleaved pairs: undoing it as half-split RoPE would give wrong query statistics."""
+    cohere = _small("CohereConfig", "CohereForCausalLM", use_qk_norm=False)
+    with pytest.raises(ValueError, match="half-split RoPE"):
+        AdaKVCache(cohere, 0.3, method=method)
+    AdaKVCache(cohere, 0.3, method="snapkv")  # a scorer without pre-RoPE queries is fine
+    AdaKVCache(tiny_model("llama"), 0.3, method=method)  # half-split
+
+
+@pytest.mark.parametrize("method", ["kvzip", "kvzip+", "kvzip-defensive", "defensivekv", "ada-criticalkv"])
+def test_scorers_reading_o_proj_refuse_a_model_without_one_when_built(method):
+    neox = _small("GPTNeoXConfig", "GPTNeoXForCausalLM")  # its output projection is `dense`
+    with pytest.raises(ValueError, match="o_proj"):
+        AdaKVCache(neox, 0.3, method=method)
+    AdaKVCache(neox, 0.3, method="snapkv")

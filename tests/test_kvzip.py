@@ -203,6 +203,9 @@ def test_score_once_settle_many_budgets(method):
             settle_context(model, settled)
     with pytest.raises(ValueError, match="score_context runs a ContextScorer's passes"):
         score_context(model, AdaKVCache(model, 0.5), ids, attention_mask=mask, tokenizer=tok)
+    scored.reset()  # forgets the scored context: it is an empty KVzip cache again, not one waiting to be settled
+    with pytest.raises(ValueError, match="compress the context with adakv.compress_context"), torch.no_grad():
+        model(ids, attention_mask=mask, **with_cache(scored))
 
 
 def test_a_padded_sequence_is_scored_as_alone():

@@ -165,3 +165,26 @@ def test_lookahead_errors():
     with pytest.raises(TypeError, match="lookahead must be True or False"):
         prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead="yes")
     prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead=False)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_defensivekv_seen_mean_counts_only_tokens_seen_under_a_probe(monkeypatch, lookahead):
+    """floor_mean="seen" divides by the tokens the sequence has seen before the window: under a lookahead the window
+    is the probe, placed at the prompt's end, and the tokens seen end with the chunk (not at the probe)."""
+    import adakv.scorers.defensivekv as defensive
+    from adakv import DefensiveKV
+
+    seen = []
+    floor = defensive.floor_at_mean
+
+    def spy(risk, real, count=None):
+        seen.append(sorted(set(count.flatten().tolist())))
+        return floor(risk, real, count)
+
+    monkeypatch.setattr(defensive, "floor_at_mean", spy)
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 200, (1, 64), generator=torch.Generator().manual_seed(0))
+    cache = AdaKVCache(model, 0.25, scorer=DefensiveKV(floor_mean="seen"), allocator="adakv", window=8)
+    prefill_in_chunks(model, cache, ids, 16, lookahead=lookahead)
+    # chunks end at 16, 32, 48, 64; without a probe the window is the chunk's last 8 tokens
+    assert seen == ([[16], [32], [48], [56]] if lookahead else [[8], [24], [40], [56]])

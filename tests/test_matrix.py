@@ -14,13 +14,16 @@ from adakv import (
     AdaKV,
     AdaKVCache,
     ContextScorer,
+    KVzip,
     LayerAdaptive,
     PyramidKV,
+    StreamingLLM,
     Uniform,
     compress_context,
     with_cache,
 )
 from adakv.layer import AdaKVLayer
+from adakv.scorers import ExpectedAttention
 from adakv.storage import MIN_SLACK
 
 BUDGET, WINDOW, PAD, SEQ = 0.3, 4, 9, 64
@@ -34,15 +37,20 @@ def _check(cache: AdaKVCache, mask: torch.Tensor) -> None:
     n = mask.sum(-1).cpu()
     per_head = torch.floor(n * BUDGET + 0.5).long()
     kept = torch.stack([layer.kept_lengths() for layer in layers])  # [layers, B, H]
+    scorer = cache.selection.scorer
+    sinks = {StreamingLLM: "sinks", KVzip: "sinks", ExpectedAttention: "n_sink"}.get(type(scorer))
+    sinks = 0 if sinks is None else getattr(scorer, sinks)  # pinned with +inf: kept first
     for layer in layers:
         rows = layer._positions(view=False).cpu()
+        layer_budget = cache.selection.per_head(n, layer.rank, layer.num_compressed)
         for b in range(2):
-            protect = int(min(WINDOW, per_head[b]))
+            protect = int(min(WINDOW, per_head[b], max(int(layer_budget[b]) - sinks, 0)))
             for h in range(heads):
                 seg = rows[b, h][rows[b, h] >= 0].tolist()
                 assert len(seg) == int(layer.kept_lengths()[b, h])  # no padding held (it has no position)
                 assert seg == sorted(set(seg)) and all(0 <= p < n[b] for p in seg)
                 assert set(range(int(n[b]) - protect, int(n[b]))) <= set(seg)  # the window is kept
+                assert set(range(min(sinks, int(layer_budget[b])))) <= set(seg)  # so are the sinks
     if isinstance(allocator, Uniform):
         assert (kept == per_head[None, :, None]).all()
     elif isinstance(allocator, (AdaKV, PyramidKV)):

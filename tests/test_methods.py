@@ -109,6 +109,20 @@ def test_value_perturbation_by_hand():
     assert value_perturbation(inp).tolist() == [[[2.5, 3.0]]]
 
 
+def test_value_perturbation_in_half_precision_matches_fp32():
+    # the products run in the model's dtype on CUDA (tensor cores), the L1 norm is summed in fp32: random bf16
+    # inputs give the fp32 result to bf16 rounding, and scores stay fp32
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 4 * 16, generator=gen)
+    inp = make_inputs(h_kv=2, group=2, seq=300, dim=16, module=_OProj(weight))
+    exact = value_perturbation(inp, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = value_perturbation(inp, chunk_elements=64 * 4 * 7, dtype=dtype)  # several chunks
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, exact.float(), rtol=1e-2, atol=0.0)
+    torch.testing.assert_close(value_perturbation(inp), exact.float(), rtol=1e-5, atol=0.0)  # fp32 off CUDA
+
+
 class Fixed(Scorer):
     def __init__(self, scores):
         self.scores = torch.tensor(scores)

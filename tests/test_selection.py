@@ -164,3 +164,27 @@ def test_budget_smaller_than_window_still_exact():
     queries, keys = _one_hot_case()
     mask = keep_of(Selection(2, SnapKV(), AdaKV(), window=32), _inputs(queries, keys, window=32))
     assert kept(mask) == [[[6, 7], [6, 7]]]
+
+
+@pytest.mark.parametrize("allocator", [Uniform(), AdaKV()])
+@pytest.mark.parametrize("budget", [20, 36, 0.2])
+def test_pinned_sinks_come_before_the_window(allocator, budget):
+    """A scorer's +inf tokens (StreamingLLM's sinks) are kept by rule even when the budget is smaller than the window
+    plus the sinks: the window keeps what they leave (StreamingLLM's sinks + most recent at any budget)."""
+    from adakv.scorers import StreamingLLM
+
+    gen = torch.Generator().manual_seed(0)
+    bsz, heads, seq, dim = 2, 2, 100, 4
+    valid = torch.ones(bsz, seq, dtype=torch.bool)
+    valid[1, :10] = False  # left padding: the sinks are the first real tokens
+    inputs = _inputs(
+        torch.randn(bsz, heads, 8, dim, generator=gen), torch.randn(bsz, heads, seq, dim, generator=gen), 32, valid
+    )
+    n_real = valid.sum(-1)
+    keep = Selection(budget, StreamingLLM(sinks=4), allocator, window=32).select(inputs, n_real).keep
+    per_head = Selection(budget, StreamingLLM(), allocator, 32).per_head(n_real, 0, 1)
+    for b in range(bsz):
+        first = seq - int(n_real[b])
+        expected = list(range(first, first + 4)) + list(range(seq - int(per_head[b]) + 4, seq))
+        for h in range(heads):
+            assert keep[b, h].nonzero().flatten().tolist() == expected

@@ -100,3 +100,16 @@ def compiled_decode_matches_eager(model, caches, tok, mask, compile_backend: str
             traced = compiled(caches[1], tok, mask)
             torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
             tok = eager[:, -1:].argmax(-1)
+
+
+def run_benchmark(script: str, argv: list[str]) -> dict:
+    """``benchmarks/<script>``'s ``main(argv)`` in this process (its ``--threads`` restored afterwards)."""
+    import runpy
+    from pathlib import Path
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / script))["main"]
+    before = torch.get_num_threads()
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(before)

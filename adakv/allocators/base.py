@@ -6,12 +6,16 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..host import to_device
+
 
 class Allocator(ABC):
     """Turns one layer's scores into the kept tokens of every (sequence, KV head).
 
     ``scores``: float32 ``[B, H_kv, L]``, ``-inf`` at padding and ``+inf`` at tokens
-    that must be kept (the observation window). ``budget``: int64 ``[B]``, the
+    that must be kept (the observation window). ``budget``: int64 ``[B]`` on the
+    host (so that a selection is sized without waiting for the device: pass it to
+    :func:`topk_mask`, or move it with :func:`adakv.host.to_device`), the
     average number of tokens to keep per KV head of each sequence; the cache
     guarantees ``budget[b]`` is at most the sequence's real length and at least
     the number of protected tokens per head. Returns a bool keep mask
@@ -55,16 +59,20 @@ class CrossLayerAllocator(Allocator):
         """Keep masks, one per ``[B, H, M_i]`` score piece, holding ``total[b]`` tokens of sequence b in all."""
 
 
-def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Bool mask of the ``k[r]`` highest entries of each row of ``scores`` ``[R, N]``."""
-    k_max = int(k.max()) if k.numel() else 0
+def topk_mask(scores: torch.Tensor, k: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+    """Bool mask of the ``k[r]`` highest entries of each row of ``scores`` ``[R, N]``. ``bound``: an upper bound
+    of ``k`` known on the host; without it ``k``'s maximum is read, which waits for the device when ``k`` is there
+    (``k`` on the host costs no wait)."""
+    if bound is None:
+        bound = int(k.max()) if k.numel() else 0
+    k_max = min(bound, scores.shape[-1])
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k_max == 0:
+    if k_max <= 0:
         return mask
     # a stable sort, not topk: equal scores (SnapKV's max pooling makes many) go to the earlier token whatever the
     # rest of the batch, where topk's choice among ties changes with the tensor's shape
     idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]
-    take = torch.arange(k_max, device=scores.device)[None, :] < k.to(scores.device)[:, None]
+    take = torch.arange(k_max, device=scores.device)[None, :] < to_device(k, scores.device)[:, None]
     return mask.scatter_(-1, idx, take)
 
 
@@ -82,16 +90,19 @@ def safeguarded(pieces: list[torch.Tensor], floor_k: torch.Tensor | None, total:
     None: no floors, one top-k over everything (no per-piece work: the cascade calls this at every layer)."""
     bsz = pieces[0].shape[0]
     device = pieces[0].device
-    total = total.to(device)
+    total = total.to("cpu", torch.int64)  # host budgets: the selections below read their bounds without a wait
+    bound = int(total.max()) if total.numel() else 0
     floors = []
     if floor_k is not None:
+        floor_k = floor_k.to("cpu", torch.int64)
         for p in pieces:
             rows = p.reshape(p.shape[0] * p.shape[1], p.shape[-1])  # not (-1, M): a piece may be empty
-            k = floor_k.to(device).repeat_interleave(p.shape[1]).clamp(max=rows.shape[-1])
+            k = floor_k.repeat_interleave(p.shape[1]).clamp(max=rows.shape[-1])
             floors.append(topk_mask(rows, k).reshape(p.shape) & (p > float("-inf")))
-        total = (total - sum(f.reshape(bsz, -1).sum(-1) for f in floors)).clamp(min=0)
+        # what the floors took is on the device: the rest's count stays there, bounded by the host total
+        total = (to_device(total, device) - sum(f.reshape(bsz, -1).sum(-1) for f in floors)).clamp(min=0)
         pieces = [p.masked_fill(f, float("-inf")) for p, f in zip(pieces, floors)]
-    rest = topk_mask(torch.cat([p.reshape(bsz, -1) for p in pieces], -1), total)
+    rest = topk_mask(torch.cat([p.reshape(bsz, -1) for p in pieces], -1), total, bound)
     out, offset = [], 0
     for i, p in enumerate(pieces):
         n = p[0].numel()

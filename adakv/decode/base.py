@@ -36,6 +36,12 @@ class DecodeState(ABC):
     def select_batch(self, index: torch.Tensor) -> None:
         """Make sequence b's state a copy of sequence ``index[b]``'s (beam search, batch selection)."""
 
+    def rows_kept(self, layer: AdaKVLayer, keep: torch.Tensor) -> None:
+        """The cross-layer cascade cut ``layer`` to the rows where ``keep`` ``[B, H, M]`` (row order) is True after
+        this state was started: a state that follows the layer's rows must follow. Policies that allow a
+        cross-layer allocator implement it; the others refuse one in :meth:`DecodePolicy.check`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot follow a cross-layer cut.")
+
 
 class DecodePolicy(ABC):
     """Keeps the cache bounded while decoding. Built once with the cache; :meth:`start` gives each layer its

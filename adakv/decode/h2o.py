@@ -8,6 +8,7 @@ from ..kernels import reference
 from ..scorers import H2O
 from ..scorers.h2o import accumulated_attention
 from ..selection import pack_kept
+from ..storage import fit_width
 from .base import DecodePolicy, DecodeState, check_interval
 
 
@@ -38,12 +39,13 @@ class H2ODecode(DecodePolicy):
             scores = choice.raw
         else:
             scores = accumulated_attention(inputs)
-        target = choice.keep.sum(-1).to("cpu", torch.int64)
+        target = layer.store.lengths()  # the store was just laid out from choice.keep: no wait for the device
         budget = layer.policy.selection.budget
         if isinstance(budget, int):  # a prompt within the budget (nothing cut) may grow up to it
             short = (layer.n_real <= budget)[:, None]
             target = torch.where(short, target.clamp(min=budget), target)  # a cut head keeps its own allocation
-        return H2OState(pack_kept(scores.float(), choice.keep, fill=0.0), target, inputs.window, self.slack)
+        packed = pack_kept(scores.float(), choice.keep, fill=0.0, width=layer.store.max_length())
+        return H2OState(packed, target, inputs.window, self.slack)
 
 
 class H2OState(DecodeState):
@@ -88,6 +90,11 @@ class H2OState(DecodeState):
         layer.evict_rows(keep)
         self.scores = pack_kept(self.scores, keep, fill=0.0)
         return True
+
+    def rows_kept(self, layer, keep: torch.Tensor) -> None:
+        # the scores follow their rows, and each head's target is at most what the cascade left it
+        self.scores = pack_kept(fit_width(self.scores, keep.shape[-1], 0.0), keep, fill=0.0)
+        self.target = torch.minimum(self.target, layer.store.lengths())
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.scores = self.scores[index.to(self.scores.device)]

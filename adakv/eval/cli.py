@@ -108,6 +108,15 @@ LLAMA_8B_SHAPE = "llama3-8b-shape"  # load_model's name for random_llama() (no t
 LLAMA_8B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256}
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model --dtype --device --random-weights`` (CPU, fp32 SmolLM2 by default), for :func:`load_model`, as the
+    benchmark scripts take them."""
+    parser.add_argument("--model", default="smollm2", help="a harness model name, or llama3-8b-shape (random weights)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", action="store_true")
+
+
 def add_llama_shape_args(parser: argparse.ArgumentParser) -> None:
     """``--layers --hidden --heads --kv-heads --intermediate --vocab`` (defaults: Llama-3.1-8B), for
     :func:`random_llama` with :func:`llama_shape`."""

@@ -91,3 +91,16 @@ def run_info(command: str, device: torch.device | str | None = None) -> dict[str
         "versions": versions(),
         "git": git_state(),
     }
+
+
+def summary_header(title: str, info: dict[str, Any]) -> list[str]:
+    """The first lines of a benchmark's ``summary.md``: its title, then the command, date, machine and versions of
+    ``info`` (a :func:`run_info` record)."""
+    return [
+        f"# {title}",
+        "",
+        f"`{info['command']}`",
+        "",
+        f"{info['date']}; {machine_line(info['machine'])}; {info['versions']}",
+        "",
+    ]

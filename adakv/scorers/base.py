@@ -27,6 +27,11 @@ class ScoreInputs:
       ``softcap``: the layer's logit scale and optional tanh soft-capping; ``module``: the attention
       module (``o_proj``, ``layer_idx``); ``layer`` / ``num_layers``: this layer's index among the
       cache's compressed layers, and their count.
+    - ``n_positions``: a host int above every position (not necessarily the tightest), when the cache knows
+      one; scorers that size a buffer by position use it instead of reading ``positions`` (a wait for the
+      device). None: unknown.
+    - ``lookahead``: the last this many columns are a probe (:func:`adakv.prefill_in_chunks`: the prompt's final
+      window run ahead of its turn, at its own positions past this chunk): scored with, never kept, not seen yet.
     """
 
     queries: torch.Tensor
@@ -40,6 +45,8 @@ class ScoreInputs:
     layer: int = 0
     num_layers: int = 1
     positions: torch.Tensor | None = None
+    n_positions: int | None = None
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         bsz, heads, seq = self.keys.shape[:3]
@@ -53,6 +60,7 @@ class ScoreInputs:
             raise ValueError(f"{self.queries.shape[2]} queries for {seq} key columns: queries must be the last ones.")
         if self.positions is None:
             self.positions = (torch.cumsum(self.valid.long(), -1) - 1).masked_fill(~self.valid, -1)
+            self.n_positions = seq
 
     @property
     def group_size(self) -> int:
@@ -92,6 +100,11 @@ class Scorer(ABC):
 
     @abstractmethod
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor | StagedScores: ...
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, with a ValueError, a model this scorer cannot score (called when a cache is built for a model;
+        not when it is built from a config alone). Default: any model."""
+        return None
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -192,3 +205,12 @@ def window_attention(inputs: ScoreInputs) -> torch.Tensor:
     allowed = allowed & inputs.valid[:, :, seq - w :, None]  # padded query rows see nothing
     logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
     return torch.softmax(logits, -1).nan_to_num(0.0)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model``: those with an int ``layer_idx`` whose class name ends in "Attention"."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
+    ]

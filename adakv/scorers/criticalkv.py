@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ContextScorer, ScoreInputs, Scorer, StagedScores
+from .base import ContextScorer, ScoreInputs, Scorer, StagedScores, attention_modules
 
 # Elements of one chunk of v W_O products ([B, G, chunk, D]).
 CHUNK_ELEMENTS = 1 << 24
@@ -23,11 +23,23 @@ def output_projection(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def value_perturbation(inputs: ScoreInputs, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def check_output_projections(model: nn.Module) -> None:
+    """Refuse (ValueError) a model whose attention modules lack the 2-D ``o_proj`` a value term reads."""
+    for module in attention_modules(model):
+        output_projection(module)
+
+
+def value_perturbation(
+    inputs: ScoreInputs, chunk_elements: int = CHUNK_ELEMENTS, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """N_j = (1/G) sum_g || v_j W_O^(g) ||_1 per KV head, fp32 ``[B, H_kv, L]``.
 
     W_O^(g) is the ``head_dim x hidden`` slice of o_proj that query head g's output
     goes through: how far token j's value can move the layer's output.
+
+    The products v_j W_O^(g) (L x H_q x head_dim x hidden multiply-adds: as much as a prefill's attention at
+    32k tokens) run in ``dtype``; by default the model's on CUDA (tensor cores; the norm is summed in fp32) and
+    fp32 elsewhere (CPUs have no fast half-precision matmul in general).
     """
     values = inputs.values
     bsz, h_kv, seq, dim = values.shape
@@ -39,15 +51,17 @@ def value_perturbation(inputs: ScoreInputs, chunk_elements: int = CHUNK_ELEMENTS
             f"o_proj of {type(inputs.module).__name__} has {weight.shape[1]} inputs; expected H_q * head_dim = "
             f"{h_kv * group * dim}."
         )
-    w = weight.float().reshape(hidden, h_kv, group, dim)  # query head h*G+g reads columns of slice (h, g)
+    if dtype is None:
+        dtype = values.dtype if values.is_cuda else torch.float32
+    w = weight.to(dtype).reshape(hidden, h_kv, group, dim)  # query head h*G+g reads columns of slice (h, g)
     out = torch.empty(bsz, h_kv, seq, dtype=torch.float32, device=values.device)
     chunk = max(1, chunk_elements // max(1, bsz * group * hidden))
     for h in range(h_kv):
         w_h = w[:, h].permute(1, 2, 0)  # [G, d, hidden]
         for lo in range(0, seq, chunk):
-            v = values[:, h, lo : lo + chunk].float()  # [B, c, d]
+            v = values[:, h, lo : lo + chunk].to(dtype)  # [B, c, d]
             proj = torch.einsum("bcd,gdo->bgco", v, w_h)
-            out[:, h, lo : lo + chunk] = proj.abs().sum(-1).mean(1)
+            out[:, h, lo : lo + chunk] = proj.abs().sum(-1, dtype=torch.float32).mean(1)
     return out
 
 
@@ -102,6 +116,10 @@ class CriticalKV(Scorer):
         self.first_stage = float(first_stage)
         self.eps = float(eps)
         self.second_stage = second_stage
+
+    def check_model(self, model: nn.Module) -> None:
+        self.base.check_model(model)
+        check_output_projections(model)
 
     def __call__(self, inputs: ScoreInputs) -> StagedScores:
         base = self.base(inputs)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import ScoreInputs, Scorer, window_attention
-from .criticalkv import value_perturbation
+from .criticalkv import check_output_projections, value_perturbation
 from .pooling import pool_positions
 
 
@@ -58,9 +59,17 @@ class DefensiveKV(Scorer):
             raise ValueError(f"DefensiveKV floor_mean must be 'seen' or 'held', got {floor_mean!r}.")
         self.kernel_size, self.floor_mean = kernel_size, floor_mean
 
+    def check_model(self, model: nn.Module) -> None:
+        check_output_projections(model)
+
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         risk = defensive_aggregation(
-            window_attention(inputs), inputs.valid, self.kernel_size, inputs.positions, self.floor_mean == "seen"
+            window_attention(inputs),
+            inputs.valid,
+            self.kernel_size,
+            inputs.positions,
+            self.floor_mean == "seen",
+            inputs.lookahead > 0,
         )
         return risk * head_share_of_value(inputs)
 
@@ -71,10 +80,12 @@ def defensive_aggregation(
     kernel_size: int,
     positions: torch.Tensor | None = None,
     over_seen: bool = False,
+    probe: bool = False,
 ) -> torch.Tensor:
     """Steps 1-3: ``attn`` ``[B, H, G, w, L]`` (window queries over all keys), ``valid`` ``[B, H, L]``, the
     tokens' ``positions`` ``[B, H, L]`` (None: contiguous) -> risk ``[B, H, L]``. ``over_seen``: the floor's mean
-    divides by the prefix tokens seen (the first window token's position), not only by those held."""
+    divides by the prefix tokens seen (the first window token's position), not only by those held; ``probe``: the
+    window is a lookahead probe placed at the prompt's end, so the tokens seen end at the last prefix token."""
     seq, w = attn.shape[-1], attn.shape[-2]
     prefix = torch.ones(seq, dtype=torch.bool, device=attn.device)
     prefix[seq - w :] = False
@@ -83,7 +94,10 @@ def defensive_aggregation(
     risk = pool_rows(attn, prefix, kernel_size, positions).amax(dim=(2, 3))
     seen = None
     if over_seen and positions is not None and w < seq:
-        seen = positions[:, :, seq - w : seq - w + 1]  # tokens before the window: its first token's position
+        if probe:  # the prefix ends with the chunk's last token, contiguous with what came before
+            seen = positions[:, :, : seq - w].amax(-1, keepdim=True).clamp(min=-1) + 1
+        else:  # tokens before the window: its first token's position (evicted ones counted)
+            seen = positions[:, :, seq - w : seq - w + 1]
     return floor_at_mean(risk, valid & prefix, seen)
 
 
@@ -124,7 +138,7 @@ def head_share_of_value(inputs: ScoreInputs) -> torch.Tensor:
     bsz, heads = value.shape[:2]
     real = (inputs.valid & (inputs.positions >= 0)).to(value.dtype)
     index = inputs.positions.clamp(min=0).reshape(bsz, -1)
-    width = int(index.max()) + 1 if index.numel() else 1
+    width = inputs.n_positions if inputs.n_positions is not None else int(index.max()) + 1 if index.numel() else 1
     total = value.new_zeros(bsz, width).scatter_add_(-1, index, (value * real).reshape(bsz, -1))
     holders = value.new_zeros(bsz, width).scatter_add_(-1, index, real.reshape(bsz, -1))
     estimate = total * heads / holders.clamp_min(1.0)

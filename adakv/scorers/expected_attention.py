@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
-from .base import ScoreInputs, Scorer
+from .base import ScoreInputs, Scorer, attention_modules
 
 # Elements of one chunk of the [B, H_kv, G, chunk, D] products in the covariance term.
 CHUNK_ELEMENTS = 1 << 24
@@ -32,8 +34,9 @@ class ExpectedAttention(Scorer):
     4. mean over the G query heads of the KV group;
     5. value-norm weighting (the paper's expected contribution to the residual stream, measured as in the
        reference code): score_j = (a_j + epsilon) * ||v_j||_2;
-    6. the first ``n_sink`` positions (attention sinks) are kept: they score above every other token of the
-       sequence (the reference code's max + 1).
+    6. the first ``n_sink`` positions (attention sinks) are kept: they score +inf, which the cache keeps by rule
+       before the window (the reference code gives them the sequence's max + 1, which ranks the same, but would let
+       a window larger than the rest of the budget push them out).
 
     Pre-RoPE queries come from inverting RoPE on the post-RoPE queries with ``ScoreInputs.positions`` and the
     model's rotary frequencies, built from the attention module's config (``rope_parameters``; per layer type
@@ -96,6 +99,11 @@ class ExpectedAttention(Scorer):
         self.epsilon = float(epsilon)
         self.recent_queries = recent_queries
 
+    def check_model(self, model: nn.Module) -> None:
+        for module in attention_modules(model):
+            rope_frequencies(module)  # refuses a layer whose RoPE it cannot undo
+            _check_half_split(module, strict=True)
+
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         keys, values, valid, positions = inputs.keys, inputs.values, inputs.valid, inputs.positions
         bsz, h_kv, seq, dim = keys.shape
@@ -147,12 +155,7 @@ class ExpectedAttention(Scorer):
         scores = attn.mean(2)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values.float().norm(dim=-1)
-        sinks = valid & (positions < self.n_sink)
-        if bool(sinks.any()):
-            top = scores.masked_fill(~scored, float("-inf")).amax(dim=(1, 2), keepdim=True)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            scores = torch.where(sinks, top + 1.0, scores)
-        return scores
+        return scores.masked_fill(valid & (positions < self.n_sink), float("inf"))
 
 
 def _is_int(value: object) -> bool:
@@ -220,6 +223,7 @@ def rope_frequencies(module: nn.Module, seq_len: int | None = None) -> torch.Ten
         params = params[layer_type]
     if not params:
         raise ValueError(f"Layer {layer_idx} of {type(config).__name__} has no rotary position embedding.")
+    _check_half_split(module, strict=False)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if "mrope_section" in params or "mrope" in str(rope_type):
         raise ValueError(f"ExpectedAttention does not support multimodal RoPE (rope_type {rope_type!r}).")
@@ -235,3 +239,21 @@ def rope_frequencies(module: nn.Module, seq_len: int | None = None) -> torch.Ten
         )
     inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len, layer_type=layer_type)
     return inv_freq.float().cpu()
+
+
+def _check_half_split(module: nn.Module, strict: bool) -> None:
+    """Refuse a model whose RoPE is not half-split (:func:`rotate` undoes only that one): its modeling file's
+    ``rotate_half`` must map (x1, x2) to (-x2, x1) over the two halves (Cohere and GLM interleave the pairs).
+    ``strict`` (when a cache is built for a model): a modeling file without ``rotate_half`` is refused too; while
+    scoring, a module from elsewhere (a test's stand-in) is let through."""
+    modeling = sys.modules.get(type(module).__module__)
+    rotate_half = getattr(modeling, "rotate_half", None)
+    if rotate_half is None and not strict:
+        return
+    probe = torch.arange(1.0, 9.0)
+    if rotate_half is None or not torch.equal(rotate_half(probe), torch.cat([-probe[4:], probe[:4]])):
+        raise ValueError(
+            f"ExpectedAttention un-rotates the queries with half-split RoPE (transformers' rotate_half), but "
+            f"{type(module).__name__} applies RoPE another way (interleaved pairs or its own function). Use a scorer "
+            "that does not need pre-RoPE queries (e.g. 'snapkv' or 'defensivekv')."
+        )

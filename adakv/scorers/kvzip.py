@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import ContextScorer, PassAttention, ScoreInputs, ScoringPass
+from .criticalkv import check_output_projections
 from .defensivekv import floor_at_mean, head_share_of_value, pool_rows
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -86,6 +88,10 @@ class KVzip(ContextScorer):
         return self.normalize
 
     # -- the passes ----------------------------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        # every variant reads o_proj: the query group of a layer, and kvzip+'s and kvzip-defensive's value terms
+        check_output_projections(model)
+
     def passes(self, context_ids: torch.Tensor, context_mask: torch.Tensor, tokenizer) -> list[ScoringPass]:
         if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
             raise ValueError("KVzip builds its reconstruction prompt with the model's tokenizer: pass tokenizer=.")
