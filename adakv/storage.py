@@ -211,7 +211,7 @@ class RaggedKV:
         self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
         self._length_host = self._length_host + added
         self._min_free = self._free()
-        self.length += q_len if valid is None else added.to(self.length.device)
+        self.length += q_len if valid is None else host.to_device(added, self.length.device)
 
     def decode(
         self,
@@ -248,7 +248,7 @@ class RaggedKV:
         if bool((length > self._length_host).any()):
             raise ValueError("truncate can only shorten segments.")
         self._length_host = length.clone()
-        self.length = length.to(self.length.device, copy=True)
+        self.length = length.to(self.length.device, copy=True, non_blocking=True)
         if self.static:
             self.fix_addresses()
         self._min_free = self._free()

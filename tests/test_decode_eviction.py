@@ -234,3 +234,26 @@ def test_h2o_state_follows_the_cross_layer_cascade(monkeypatch):
                 assert float(state.scores[b, h, m]) == scored[layer.rank][(b, h, p)]
     # the cascade did cut earlier layers after their own cut
     assert sum(len(v) for v in scored.values()) > sum(int(layer.store.lengths().sum()) for layer in cache.layers)
+
+
+def test_a_policy_that_cannot_follow_the_cascade_is_refused_when_built():
+    from adakv.decode.base import DecodePolicy, DecodeState
+
+    class Keep(DecodeState):
+        def after_append(self, layer, module, q, scaling, softcap, hidden, valid) -> None:
+            pass
+
+        def select_batch(self, index) -> None:
+            pass
+
+    class KeepAll(DecodePolicy):
+        name = "keep-all"
+
+        def start(self, layer, inputs, choice, previous):
+            return Keep()
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cannot follow"):
+        AdaKVCache(model, 0.3, method="layer-defensivekv", decode=KeepAll())
+    AdaKVCache(model, 0.3, method="defensivekv", decode=KeepAll())
+    AdaKVCache(model, 0.3, method="layer-defensivekv", decode="h2o")

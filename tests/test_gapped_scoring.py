@@ -185,3 +185,29 @@ def test_defensive_floor_is_a_mean_over_the_tokens_seen():
     torch.testing.assert_close(DefensiveKV(floor_mean="seen")(padded), DefensiveKV(floor_mean="held")(padded))
     with pytest.raises(ValueError, match="floor_mean"):
         DefensiveKV(floor_mean="all")
+
+
+def test_defensivekv_value_share_ignores_garbage_in_padding_columns():
+    """A view's front padding reads whatever the storage's slack rows hold (NaN included): it must not reach the
+    share of any real token (it used to poison the token at position 0 through the sum over heads)."""
+    from tiny_models import tiny_model
+
+    from adakv.scorers.defensivekv import head_share_of_value
+
+    attn = tiny_model("llama", num_hidden_layers=1).model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    bsz, heads, seq, dim = 1, 2, 6, 16
+    keys, values = torch.randn(bsz, heads, seq, dim, generator=gen), torch.randn(bsz, heads, seq, dim, generator=gen)
+    valid = torch.ones(bsz, heads, seq, dtype=torch.bool)
+    valid[0, 1, 0] = False  # head 1 holds one token less: its first column is padding
+    positions = torch.arange(seq).expand(bsz, heads, seq).clone()
+    positions[0, 1] = torch.tensor([-1, 0, 1, 2, 3, 5])
+    queries = torch.randn(bsz, 4, 2, dim, generator=gen)
+
+    def share(v):
+        return head_share_of_value(ScoreInputs(queries, keys, v, valid, 2, 0.25, None, attn, 0, 1, positions))
+
+    poisoned = values.clone()
+    poisoned[0, 1, 0] = float("nan")
+    clean, got = share(values), share(poisoned)
+    assert torch.equal(clean[valid], got[valid]) and bool(got[valid].isfinite().all())

@@ -38,8 +38,8 @@ class DecodeState(ABC):
 
     def rows_kept(self, layer: AdaKVLayer, keep: torch.Tensor) -> None:
         """The cross-layer cascade cut ``layer`` to the rows where ``keep`` ``[B, H, M]`` (row order) is True after
-        this state was started: a state that follows the layer's rows must follow. Policies that allow a
-        cross-layer allocator implement it; the others refuse one in :meth:`DecodePolicy.check`."""
+        this state was started: a state that follows the layer's rows must follow. Policies whose
+        ``follows_cross_layer_cuts`` is True implement it; the others are refused by :meth:`DecodePolicy.check`."""
         raise NotImplementedError(f"{type(self).__name__} cannot follow a cross-layer cut.")
 
 
@@ -48,12 +48,22 @@ class DecodePolicy(ABC):
     state after every prompt compaction."""
 
     name: str = "decode"
+    # whether its states follow the cross-layer cascade's later cuts (DecodeState.rows_kept); if not, a cross-layer
+    # allocator is refused
+    follows_cross_layer_cuts: bool = False
 
     def check(self, selection: Selection) -> None:
         """Refuse, with a ValueError, a selection this policy cannot work with (called when the cache is built).
         Overrides call this first: every policy scores from the queries of the prompt's last forward, and a
         context scorer (KVzip) compresses after passes of its own, with no such queries."""
         from ..scorers import ContextScorer
+
+        if selection.cross_layer and not self.follows_cross_layer_cuts:
+            raise ValueError(
+                f"decode={self.name!r} keeps per-layer state that cannot follow {selection.allocator!r}, which splits "
+                "one budget across layers and cuts earlier layers again after their own cut. Use a per-layer "
+                "allocator (uniform, adakv, pyramidkv), or decode='h2o' (it follows those cuts)."
+            )
 
         if isinstance(selection.scorer, ContextScorer):
             raise ValueError(

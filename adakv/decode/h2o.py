@@ -29,6 +29,7 @@ class H2ODecode(DecodePolicy):
     """
 
     name = "h2o"
+    follows_cross_layer_cuts = True  # H2OState.rows_kept
 
     def __init__(self, slack: int = 16):
         self.slack = check_interval(slack, "H2ODecode slack")

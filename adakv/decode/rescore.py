@@ -26,15 +26,6 @@ class Rescore(DecodePolicy):
     def __init__(self, interval: int = 16):
         self.interval = check_interval(interval, "Rescore interval")
 
-    def check(self, selection) -> None:
-        super().check(selection)
-        if selection.cross_layer:
-            raise ValueError(
-                f"decode='rescore' re-splits each layer's budget on its own; {selection.allocator!r} splits one "
-                "budget across layers at prefill. Use a per-layer allocator (uniform, adakv, pyramidkv), or "
-                "decode='h2o' (it keeps each head's prefill allocation)."
-            )
-
     def start(self, layer, inputs, choice, previous) -> DecodeState:
         window = inputs.window
         queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed

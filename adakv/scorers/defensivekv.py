@@ -134,12 +134,13 @@ def head_share_of_value(inputs: ScoreInputs) -> torch.Tensor:
     hold it, (H / |S_j|) sum_{h' in S_j} N_h'j. Summing over S_j alone would give a token that other heads
     evicted a larger share (1 when one head holds it) and so a higher score for having been evicted elsewhere.
     On a one-shot prompt every head holds every token and this is the paper's sum."""
-    value = value_perturbation(inputs)
+    real = inputs.valid & (inputs.positions >= 0)
+    # padding columns hold whatever the storage's slack rows held (even NaN): their values count nowhere
+    value = value_perturbation(inputs).masked_fill(~real, 0.0)
     bsz, heads = value.shape[:2]
-    real = (inputs.valid & (inputs.positions >= 0)).to(value.dtype)
     index = inputs.positions.clamp(min=0).reshape(bsz, -1)
     width = inputs.n_positions if inputs.n_positions is not None else int(index.max()) + 1 if index.numel() else 1
-    total = value.new_zeros(bsz, width).scatter_add_(-1, index, (value * real).reshape(bsz, -1))
-    holders = value.new_zeros(bsz, width).scatter_add_(-1, index, real.reshape(bsz, -1))
+    total = value.new_zeros(bsz, width).scatter_add_(-1, index, value.reshape(bsz, -1))
+    holders = value.new_zeros(bsz, width).scatter_add_(-1, index, real.to(value.dtype).reshape(bsz, -1))
     estimate = total * heads / holders.clamp_min(1.0)
     return value / estimate.gather(-1, index).reshape(value.shape).clamp_min(1e-30)
