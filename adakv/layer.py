@@ -528,14 +528,18 @@ class AdaKVLayer(CacheLayerMixin):
             held = lambda t: pack_kept(fit_width(t, width, float("-inf")), keep)  # noqa: E731
             self.held_scores = map_scores(held, self.held_scores)
 
-    def cascade_mark(self, keep: torch.Tensor, settle: bool, factor: int) -> None:
-        """The cascade took tokens from this layer: mark them; re-lay out when due (see :mod:`adakv.cascade`)."""
+    def cascade_mark(self, keep: torch.Tensor) -> torch.Tensor:
+        """The cascade took tokens from this layer: mark them (rows outside ``keep`` go at the next
+        :meth:`cascade_settle`); returns the rows still held, a device scalar (see :mod:`adakv.cascade`)."""
         self.cascade_scores = self.cascade_scores.masked_fill(~keep, float("-inf"))
+        return (self.cascade_scores > float("-inf")).sum()
+
+    def cascade_settle(self) -> None:
+        """Re-lay out with only the rows the cascade left this layer."""
         held = self.cascade_scores > float("-inf")
-        if settle or self.store.length.sum() > factor * held.sum():
-            self.evict_rows(held)
-            if self.decode_state is not None:  # started from this layer's own cut, before the cascade's
-                self.decode_state.rows_kept(self, held)
+        self.evict_rows(held)
+        if self.decode_state is not None:  # started from this layer's own cut, before the cascade's
+            self.decode_state.rows_kept(self, held)
 
     def _positions(self, view: bool) -> torch.Tensor:
         """Positions of the held tokens ``[B, H, M]`` (-1 past a segment's end): in row order, or right-aligned
