@@ -58,14 +58,14 @@ class Cascade:
         total = torch.where(whole, torch.full_like(total, everything), total.clamp(max=everything))
         masks = self.allocator.across_layers(pieces, total)
         masks = [mask & (piece > float("-inf")) for mask, piece in zip(masks, pieces)]
-        held = [layer.cascade_mark(mask) for layer, mask in zip(earlier, masks)]
+        counts = [layer.cascade_mark(mask) for layer, mask in zip(earlier, masks)]
         if not earlier:
             return masks[-1]
         if rank == len(layers) - 1:  # the last layer: every earlier one settles
             due = [True] * len(earlier)
         else:  # a layer re-lays out once it stores SHRINK_FACTOR x what it keeps; one read for all of them
-            (held,) = host.to_host(torch.stack(held))
-            due = [int(layer.store.lengths().sum()) > SHRINK_FACTOR * int(n) for layer, n in zip(earlier, held)]
+            (counts,) = host.to_host(torch.stack(counts))
+            due = [int(layer.store.lengths().sum()) > SHRINK_FACTOR * int(n) for layer, n in zip(earlier, counts)]
         for layer, settle in zip(earlier, due):
             if settle:
                 layer.cascade_settle()

@@ -11,7 +11,6 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from . import host
-from .host import to_device
 from .kernels import backend
 from .scorers import PassAttention, ScoreInputs
 from .selection import Choice, map_scores, pack_kept, raw_scores
@@ -266,6 +265,7 @@ class AdaKVLayer(CacheLayerMixin):
             self.n_real,
             self.shared.cascade,
             scores=scores,
+            n_candidates=store.lengths().sum(-1) - probe * store.shape[1],  # every head holds the real probe
             lookahead=probe,
             n_final=self.shared.phase.final_tokens,
         )
@@ -488,7 +488,7 @@ class AdaKVLayer(CacheLayerMixin):
             scores = choice.scores
             if choice.whole is not None and bool(choice.whole.any()):
                 # a sequence that kept everything was not cut: as alone in its batch, it keeps its earlier scores
-                whole = to_device(choice.whole, keep.device)[:, None, None]
+                whole = host.to_device(choice.whole, keep.device)[:, None, None]
                 if earlier is None:
                     scores = map_scores(lambda t: t.float().masked_fill(whole, float("-inf")), scores)
                 else:
@@ -599,7 +599,7 @@ def _real_tokens(valid: torch.Tensor, n_real: torch.Tensor | None) -> torch.Tens
     check that padding comes first: no 0 after a real token, in this chunk or after the ``n_real`` earlier ones."""
     bad = (valid[:, 1:] < valid[:, :-1]).any()
     if n_real is not None:
-        bad = bad | ((to_device(n_real, valid.device) > 0) & ~valid.all(-1)).any()
+        bad = bad | ((host.to_device(n_real, valid.device) > 0) & ~valid.all(-1)).any()
     counts, bad = host.to_host(valid.sum(-1), bad)
     if bool(bad):
         raise ValueError(
