@@ -130,9 +130,10 @@ class AdaKVCache(Cache):
             CUDA graph can replay it. None: a 16-row slack that grows geometrically (less memory).
         chunk_scores: how a held token is scored when a later prompt chunk cuts the cache back:
             ``"latest"`` by the scorer's new scores only, ``"max"`` by the best score it has had at any cut (its
-            new one or the one that kept it last time; a cut that kept everything scores nothing). With one
-            prompt forward there is one cut and both are the same; a context scorer (KVzip) cuts once too. A
-            decode policy starts from the last cut's own scores either way.
+            new one or the one that kept it last time; a cut that kept everything scores nothing). None (the
+            default): the scorer's ``chunk_scores`` (``"max"`` for DefensiveKV, ``"latest"`` for the others).
+            With one prompt forward there is one cut and both are the same; a context scorer (KVzip) cuts once
+            too. A decode policy starts from the last cut's own scores either way.
 
     A prompt may come in chunks: inside ``with cache.compressing():`` or
     ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after
@@ -154,7 +155,7 @@ class AdaKVCache(Cache):
         backend: str | None = None,
         prefill_attention: PrefillAttention | None = None,
         reserve: int | None = None,
-        chunk_scores: str = "latest",
+        chunk_scores: str | None = None,
     ):
         if method is not None:
             if scorer is not None or allocator is not None:
@@ -177,8 +178,14 @@ class AdaKVCache(Cache):
             raise ValueError(
                 f"reserve must be None or an int >= 0 (rows per segment for the tokens to come), got {reserve!r}."
             )
-        if chunk_scores not in CHUNK_SCORES:
-            raise ValueError(f"chunk_scores must be one of {CHUNK_SCORES}, got {chunk_scores!r}.")
+        if chunk_scores is None:  # the scorer's own default (a two-stage scorer's, not its base's)
+            chunk_scores = scorer_obj.chunk_scores
+            if chunk_scores not in CHUNK_SCORES:
+                raise ValueError(
+                    f"{type(scorer_obj).__name__}.chunk_scores must be one of {CHUNK_SCORES}, got {chunk_scores!r}."
+                )
+        elif chunk_scores not in CHUNK_SCORES:
+            raise ValueError(f"chunk_scores must be one of {CHUNK_SCORES} or None, got {chunk_scores!r}.")
         policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve, chunk_scores)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)

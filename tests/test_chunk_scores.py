@@ -201,3 +201,22 @@ def test_a_sequence_keeps_the_same_tokens_alone_or_in_a_batch(mode):
     held = lambda layer: [[int(p) for p in seg if p >= 0] for seg in layer._positions(view=False)[0]]  # noqa: E731
     for a, b in zip(both.layers, alone.layers):
         assert held(a) == held(b)
+
+
+def test_the_default_comes_from_the_scorer():
+    """chunk_scores=None takes the scorer's declared default ("max" for DefensiveKV, whose scores keep one scale from
+    cut to cut); a value the user gives is kept; a custom scorer declaring an unknown mode is refused when built."""
+    model = tiny_model("llama")
+    assert AdaKVCache(model, 0.2, method="defensivekv").policy.chunk_scores == "max"
+    assert AdaKVCache(model, 0.2, method="layer-defensivekv").policy.chunk_scores == "max"
+    assert AdaKVCache(model, 0.2, method="ada-snapkv").policy.chunk_scores == "latest"
+    assert AdaKVCache(model, 0.2, method="criticalkv").policy.chunk_scores == "latest"
+    assert AdaKVCache(model, 0.2, method="defensivekv", chunk_scores="latest").policy.chunk_scores == "latest"
+    assert AdaKVCache(model, 0.2, method="ada-snapkv", chunk_scores="max").policy.chunk_scores == "max"
+
+    class Odd(TableScorer):
+        chunk_scores = "sometimes"
+
+    with pytest.raises(ValueError, match="Odd.chunk_scores must be one of"):
+        AdaKVCache(model, 0.2, scorer=Odd())
+    assert AdaKVCache(model, 0.2, scorer=Odd(), chunk_scores="latest").policy.chunk_scores == "latest"

@@ -97,6 +97,11 @@ class Scorer(ABC):
     """
 
     name: str = "scorer"
+    # How a held token is ranked at a later prompt chunk's cut when AdaKVCache(chunk_scores=None) (the default):
+    # "latest" by this scorer's new score, "max" by the best it has had. "max" suits scores on one scale from cut
+    # to cut (DefensiveKV's rows keep their mass and are floored at their mean); raw window attention is larger
+    # at an early cut, when fewer keys share it, so "max" would keep early tokens on stale scores.
+    chunk_scores: str = "latest"
 
     @abstractmethod
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor | StagedScores: ...

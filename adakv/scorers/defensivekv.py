@@ -51,6 +51,7 @@ class DefensiveKV(Scorer):
     """
 
     name = "defensivekv"
+    chunk_scores = "max"  # measured on chunked prefill (README, *Chunked prefill*): fewer needles lost than "latest"
 
     def __init__(self, kernel_size: int = 5, floor_mean: str = "held"):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
