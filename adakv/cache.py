@@ -133,7 +133,9 @@ class AdaKVCache(Cache):
             new one or the one that kept it last time; a cut that kept everything scores nothing). None (the
             default): the scorer's ``chunk_scores`` (``"max"`` for DefensiveKV, ``"latest"`` for the others).
             With one prompt forward there is one cut and both are the same; a context scorer (KVzip) cuts once
-            too. A decode policy starts from the last cut's own scores either way.
+            too. A decode policy starts from the last cut's own scores either way. The held scores (one float
+            per held token) are freed at the first forward that is not a prompt chunk (a question, decoding); a
+            later ``compressing()`` chunk then ranks the held tokens by their new scores.
 
     A prompt may come in chunks: inside ``with cache.compressing():`` or
     ``generate(..., prefill_chunk_size=N)`` every forward is a prompt chunk, and after

@@ -186,6 +186,8 @@ class AdaKVLayer(CacheLayerMixin):
             return self._first_chunk(module, query, keys, values, valid, scaling, softcap, dense)
         if self.shared.phase.compressing:
             return self._next_chunk(module, query, keys, values, valid, scaling, softcap)
+        # the prompt is over: only a prompt chunk's cut reads the held scores (chunk_scores="max"), so free them
+        self.held_scores = None
         # an appended chunk (a question) may be left-padded like a prompt, never right-padded; one read also gives
         # the real-token counts the append needs
         counts = None if valid is None else _real_tokens(valid, None)
@@ -471,9 +473,10 @@ class AdaKVLayer(CacheLayerMixin):
             lookahead,
         )
 
-    def _compacted(self, inputs: ScoreInputs, choice: Choice, earlier=None) -> None:
+    def _compacted(self, inputs: ScoreInputs, choice: Choice, earlier=None, decoding: bool = False) -> None:
         """Bookkeeping after the storage was rebuilt from ``inputs``' candidates with ``choice.keep``;
-        ``earlier``: the held tokens' previous ``held_scores`` in ``inputs``' layout (see :meth:`_held_view`)."""
+        ``earlier``: the held tokens' previous ``held_scores`` in ``inputs``' layout (see :meth:`_held_view`);
+        ``decoding``: a decode-time re-selection (no held scores are kept for it)."""
         keep = choice.keep
         width = self.store.max_length()  # the store was just laid out from keep: its host counts are keep's
         self.pos_rows = pack_kept(inputs.positions, keep, fill=-1, width=width)
@@ -484,7 +487,9 @@ class AdaKVLayer(CacheLayerMixin):
         if self.policy.decode is not None:
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
         # a choice without scores kept every candidate: the held rows stay in order, their earlier scores apply
-        if self.policy.chunk_scores == "max" and choice.scores is not None:
+        if self.policy.chunk_scores == "max" and choice.scores is not None and decoding:
+            self.held_scores = None  # no prompt chunk's cut will read them
+        elif self.policy.chunk_scores == "max" and choice.scores is not None:
             scores = choice.scores
             if choice.whole is not None and bool(choice.whole.any()):
                 # a sequence that kept everything was not cut: as alone in its batch, it keeps its earlier scores
@@ -509,9 +514,8 @@ class AdaKVLayer(CacheLayerMixin):
         choice = self.policy.selection.select(inputs, self.n_real, None, n_candidates=store.lengths().sum(-1))
         if bool((choice.keep == inside).all()):
             return
-        earlier = self._held_view(k_view.shape[2])
         store.replace(k_view, v_view, choice.keep)
-        self._compacted(inputs, choice, earlier)
+        self._compacted(inputs, choice, decoding=True)
 
     def evict_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` ``[B, H, M]`` (row order, over each segment's rows) is True."""

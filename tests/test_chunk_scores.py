@@ -220,3 +220,24 @@ def test_the_default_comes_from_the_scorer():
     with pytest.raises(ValueError, match="Odd.chunk_scores must be one of"):
         AdaKVCache(model, 0.2, scorer=Odd())
     assert AdaKVCache(model, 0.2, scorer=Odd(), chunk_scores="latest").policy.chunk_scores == "latest"
+
+
+@pytest.mark.parametrize("decode", [None, "rescore"])
+def test_held_scores_are_freed_when_the_prompt_is_over(decode):
+    """Only a prompt chunk's cut reads the held scores: a one-shot or chunked prompt keeps them until the first
+    forward that is not a prompt chunk, and a decode-time re-selection does not store them again."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 90), generator=torch.Generator().manual_seed(6))
+    for chunked in (False, True):
+        cache = AdaKVCache(model, 0.25, method="defensivekv", window=WINDOW, decode=decode)
+        layers = [layer for layer in cache.layers if isinstance(layer, AdaKVLayer)]
+        with torch.no_grad():
+            if chunked:
+                prefill_in_chunks(model, cache, ids, CHUNK)
+            else:
+                model(ids, **with_cache(cache))
+            assert all(layer.held_scores is not None for layer in layers)
+            token = ids[:, -1:]
+            for _ in range(20):  # rescore re-selects every 16 decoded tokens
+                token = model(token, **with_cache(cache)).logits[:, -1:].argmax(-1)
+        assert all(layer.held_scores is None for layer in layers), (chunked, decode)

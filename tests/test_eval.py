@@ -538,10 +538,13 @@ def test_cli_multi_mode_all_methods_and_chunked_prefill(tiny_dir, tmp_path):
     assert all(len(a) == 4 for o in data["outputs"] for a in o["answers"])  # --digits 4
     assert "| niah_multivalue | 200 | full | 1 |" in (out / "summary.md").read_text()
     out = tmp_path / "c"
-    argv = ["quality", "--model", tiny_dir, "--methods", "snapkv", "--budgets", "0.3", "--lengths", "200"]
-    argv += ["--samples", "1", "--max-new-tokens", "2", "--prefill-chunk-size", "64", "--no-plots", "--out", str(out)]
+    argv = ["quality", "--model", tiny_dir, "--methods", "snapkv", "defensivekv", "--budgets", "0.3", "--lengths"]
+    argv += ["200", "--samples", "1", "--max-new-tokens", "2", "--prefill-chunk-size", "64", "--no-plots"]
+    argv += ["--out", str(out)]
     assert main(argv) == 0
-    assert json.loads((out / "results.json").read_text())["meta"]["args"]["prefill_chunk_size"] == 64
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["args"]["prefill_chunk_size"] == 64
+    assert meta["chunk_scores"] == {"snapkv": "latest", "defensivekv": "max"}  # each scorer's declared default
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--prefill-chunk-size", "4", "--out", str(tmp_path / "x")])  # below the window
     with pytest.raises(SystemExit):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adakv.eval.runinfo import machine_line, run_info
+from adakv.methods import METHODS, get_method
 
 
 def _header(kind: str, meta: dict[str, Any]) -> list[str]:
@@ -76,7 +77,18 @@ def _meta(argv: list[str], args: argparse.Namespace, model: Any, seconds: float)
         ),
         "seconds": round(seconds, 1),
         "args": vars(args),
+        **_chunk_scores(args),
     }
+
+
+def _chunk_scores(args: argparse.Namespace) -> dict[str, Any]:
+    """With a chunked prefill, how each method ranked held tokens at later cuts (``--chunk-scores``, else the
+    scorer's declared default), so a run's record says which it was."""
+    if not getattr(args, "prefill_chunk_size", None):
+        return {}
+    given = getattr(args, "chunk_scores", None)
+    known = [m for m in getattr(args, "methods", []) if m in METHODS]
+    return {"chunk_scores": {m: given or get_method(m)[0].chunk_scores for m in known}}
 
 
 def _summary(kind: str, rows: list[dict], meta: dict[str, Any], modes: list[str]) -> str:
