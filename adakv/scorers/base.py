@@ -98,9 +98,9 @@ class Scorer(ABC):
 
     name: str = "scorer"
     # How a held token is ranked at a later prompt chunk's cut when AdaKVCache(chunk_scores=None) (the default):
-    # "latest" by this scorer's new score, "max" by the best it has had. "max" suits scores on one scale from cut
-    # to cut (DefensiveKV's rows keep their mass and are floored at their mean); raw window attention is larger
-    # at an early cut, when fewer keys share it, so "max" would keep early tokens on stale scores.
+    # "latest" by this scorer's new score, "max" by the best it has had. Chosen by measurement (README, *Chunked
+    # prefill*): "max" kept DefensiveKV's needles; with SnapKV's raw window attention, larger at an early cut when
+    # fewer keys share it, "max" kept early tokens on stale scores and lost needles.
     chunk_scores: str = "latest"
 
     @abstractmethod
