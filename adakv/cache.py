@@ -180,14 +180,11 @@ class AdaKVCache(Cache):
             raise ValueError(
                 f"reserve must be None or an int >= 0 (rows per segment for the tokens to come), got {reserve!r}."
             )
-        if chunk_scores is None:  # the scorer's own default (a two-stage scorer's, not its base's)
-            chunk_scores = scorer_obj.chunk_scores
-            if chunk_scores not in CHUNK_SCORES:
-                raise ValueError(
-                    f"{type(scorer_obj).__name__}.chunk_scores must be one of {CHUNK_SCORES}, got {chunk_scores!r}."
-                )
-        elif chunk_scores not in CHUNK_SCORES:
-            raise ValueError(f"chunk_scores must be one of {CHUNK_SCORES} or None, got {chunk_scores!r}.")
+        # None: the scorer's own default (a two-stage scorer's, not its base's)
+        source = "chunk_scores" if chunk_scores is not None else f"{type(scorer_obj).__name__}.chunk_scores"
+        chunk_scores = scorer_obj.chunk_scores if chunk_scores is None else chunk_scores
+        if chunk_scores not in CHUNK_SCORES:
+            raise ValueError(f"{source} must be one of {CHUNK_SCORES} (or None: the scorer's), got {chunk_scores!r}.")
         policy = CachePolicy(selection, decode_obj, backend, prefill_attention, reserve, chunk_scores)
         model_obj, config = _config_of(model)
         _check_model(model_obj, config)

@@ -487,7 +487,7 @@ class AdaKVLayer(CacheLayerMixin):
         if self.policy.decode is not None:
             self.decode_state = self.policy.decode.start(self, inputs, choice, self.decode_state)
         # a choice without scores kept every candidate: the held rows stay in order, their earlier scores apply
-        if self.policy.chunk_scores == "max" and choice.scores is not None and decoding:
+        if decoding:
             self.held_scores = None  # no prompt chunk's cut will read them
         elif self.policy.chunk_scores == "max" and choice.scores is not None:
             scores = choice.scores

@@ -204,8 +204,8 @@ def test_a_sequence_keeps_the_same_tokens_alone_or_in_a_batch(mode):
 
 
 def test_the_default_comes_from_the_scorer():
-    """chunk_scores=None takes the scorer's declared default ("max" for DefensiveKV, whose scores keep one scale from
-    cut to cut); a value the user gives is kept; a custom scorer declaring an unknown mode is refused when built."""
+    """chunk_scores=None takes the scorer's declared default ("max" for DefensiveKV, chosen by measurement); a value
+    the user gives is kept; a custom scorer declaring an unknown mode is refused when built."""
     model = tiny_model("llama")
     assert AdaKVCache(model, 0.2, method="defensivekv").policy.chunk_scores == "max"
     assert AdaKVCache(model, 0.2, method="layer-defensivekv").policy.chunk_scores == "max"
