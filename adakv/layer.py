@@ -406,6 +406,7 @@ class AdaKVLayer(CacheLayerMixin):
             values=v_rows,
             positions=positions,
             context_rows=before.to(query.device),
+            context_width=int(before.max()),  # host counts: no device read
             visible=visible,
             query_valid=valid,
             span=phase.scoring,

@@ -134,11 +134,11 @@ class PassAttention:
     ``q``: the pass's queries ``[B, H_kv, G, Q, D]``; ``keys``/``values``: the layer's rows ``[B, H_kv, M, D]``
     (the context's held rows, then the pass's own, zeros past a segment's end); ``positions`` ``[B, H_kv, M]``
     (-1 past the end); ``context_rows`` ``[B, H_kv]``: rows before this count are context, after it the
-    pass's own; ``visible`` ``[B, H_kv, Q, M]``: what each query attends to (causal among its own tokens);
-    ``query_valid`` ``[B, Q]``: False at the pass's padding; ``span``: the context positions this pass scores
-    (``ScoringPass``); ``hidden_states`` ``[B, Q, hidden]``:
-    the attention module's input for the pass (None unless the scorer asks for it); ``module``, ``scaling``,
-    ``softcap`` as in :class:`ScoreInputs`.
+    pass's own (``context_width``: their maximum, a host int); ``visible`` ``[B, H_kv, Q, M]``: what each query
+    attends to (causal among its own tokens); ``query_valid`` ``[B, Q]``: False at the pass's padding; ``span``:
+    the context positions this pass scores (``ScoringPass``); ``hidden_states`` ``[B, Q, hidden]``: the attention
+    module's input for the pass (None unless the scorer asks for it); ``module``, ``scaling``, ``softcap`` as in
+    :class:`ScoreInputs`.
     """
 
     q: torch.Tensor
@@ -146,6 +146,7 @@ class PassAttention:
     values: torch.Tensor
     positions: torch.Tensor
     context_rows: torch.Tensor
+    context_width: int
     visible: torch.Tensor
     query_valid: torch.Tensor
     span: ScoringPass

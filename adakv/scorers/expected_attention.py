@@ -101,15 +101,18 @@ class ExpectedAttention(Scorer):
 
     def check_model(self, model: nn.Module) -> None:
         for module in attention_modules(model):
-            rope_frequencies(module)  # refuses a layer whose RoPE it cannot undo
+            _rope_parameters(module)  # refuses a layer whose RoPE it cannot undo
             _check_half_split(module, strict=True)
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         keys, values, valid, positions = inputs.keys, inputs.values, inputs.valid, inputs.positions
         bsz, h_kv, seq, dim = keys.shape
         group, q_len = inputs.group_size, inputs.queries.shape[2]
-        seen = int(positions.max()) + 1 if positions.numel() else 1
-        inv_freq = rope_frequencies(inputs.module, seq_len=max(seen, 1)).to(keys.device)
+        rope = _rope_parameters(inputs.module)  # its layout was checked when the cache was built (check_model)
+        seen = None  # the length seen: a host read, only for the length-dependent RoPE types
+        if rope[2] in LENGTH_DEPENDENT:
+            seen = int(positions.max()) + 1 if positions.numel() else 1
+        inv_freq = _frequencies(*rope, seq_len=seen).to(keys.device)
         rot = 2 * inv_freq.shape[0]
         if rot > dim:
             raise ValueError(f"The rotary frequencies cover {rot} dimensions but the heads have {dim}.")
@@ -197,12 +200,35 @@ def average_rotation(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Te
     return out
 
 
+# RoPE types whose frequencies depend on the length seen (ROPE_INIT_FUNCTIONS' seq_len)
+LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
 def rope_frequencies(module: nn.Module, seq_len: int | None = None) -> torch.Tensor:
     """The inverse frequencies (fp32, ``[rot/2]``) of the RoPE that ``module`` (an attention module with ``.config``
     and ``.layer_idx``) applies, built from its config as the model's rotary embedding builds them.
 
     ``seq_len``: the length seen, for the length-dependent types (``dynamic``, ``longrope``). Raises ValueError for
-    a model or layer without RoPE, multimodal RoPE and unknown types."""
+    a model or layer without RoPE, multimodal RoPE, unknown types and RoPE that is not half-split."""
+    _check_half_split(module, strict=False)
+    return _frequencies(*_rope_parameters(module), seq_len=seq_len)
+
+
+def _frequencies(config, params: dict, kind: str, layer_type: str | None, seq_len: int | None) -> torch.Tensor:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind == "default":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        base = float(params["rope_theta"])
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=seq_len, layer_type=layer_type)
+    return inv_freq.float().cpu()
+
+
+def _rope_parameters(module: nn.Module) -> tuple:
+    """``(config, rope parameters, rope type, layer type)`` of ``module``'s RoPE; refuses a module without RoPE,
+    with multimodal RoPE or an unknown type."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = getattr(module, "config", None)
@@ -223,22 +249,15 @@ def rope_frequencies(module: nn.Module, seq_len: int | None = None) -> torch.Ten
         params = params[layer_type]
     if not params:
         raise ValueError(f"Layer {layer_idx} of {type(config).__name__} has no rotary position embedding.")
-    _check_half_split(module, strict=False)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if "mrope_section" in params or "mrope" in str(rope_type):
-        raise ValueError(f"ExpectedAttention does not support multimodal RoPE (rope_type {rope_type!r}).")
-    if rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        base = float(params["rope_theta"])
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if rope_type not in ROPE_INIT_FUNCTIONS:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if "mrope_section" in params or "mrope" in str(kind):
+        raise ValueError(f"ExpectedAttention does not support multimodal RoPE (rope_type {kind!r}).")
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
         raise ValueError(
-            f"ExpectedAttention does not support rope_type {rope_type!r} of {type(config).__name__}; supported: "
+            f"ExpectedAttention does not support rope_type {kind!r} of {type(config).__name__}; supported: "
             f"default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}."
         )
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len, layer_type=layer_type)
-    return inv_freq.float().cpu()
+    return config, params, kind, layer_type
 
 
 def _check_half_split(module: nn.Module, strict: bool) -> None:

@@ -132,17 +132,16 @@ class KVzip(ContextScorer):
         columns = own | in_span | sink
         weight = self._value_norms(seen) if self.normalize else None  # [B, H, G, M]
         hidden_norm = seen.hidden_states.float().norm(dim=-1) if self.normalize else None  # [B, Q]
-        context = int(seen.context_rows.max())
+        context = seen.context_width
         best = torch.zeros(bsz, heads, context, dtype=torch.float32, device=q.device)
         block = max(1, BLOCK_ELEMENTS // max(1, bsz * heads * group * rows))
         span = in_span[..., :context]
         # per-query factor on the probabilities: 0 for the pass's padding (whose rows are left unmasked, so the
-        # softmax has no all -inf row), 1 / ||h_t|| for KVzip+; None when it is all ones
+        # softmax has no all -inf row), 1 / ||h_t|| for KVzip+ (applied even when all ones: testing that would
+        # make the host wait for the device at every layer)
         factor = seen.query_valid.float()
         if hidden_norm is not None:
             factor = factor / hidden_norm.clamp_min(1e-6)
-        elif bool(seen.query_valid.all()):
-            factor = None
         # One pass per op over the big [B, H, G, q, M] block: logits, an additive 0/-inf mask, one fused softmax,
         # the per-query factor on the context columns, the max over queries; the rest runs on [B, H, G, context].
         for lo in range(0, q_len, block):
@@ -156,8 +155,7 @@ class KVzip(ContextScorer):
             allow |= ~seen.query_valid[:, None, lo:hi, None]
             bias = torch.zeros(allow.shape, dtype=torch.float32, device=q.device).masked_fill_(~allow, float("-inf"))
             probs = logits.add_(bias[:, :, None]).softmax(-1)[..., :context]
-            if factor is not None:
-                probs = probs * factor[:, None, None, lo:hi, None]
+            probs = probs * factor[:, None, None, lo:hi, None]
             if self.defensive:  # the rows themselves are pooled over the span
                 if weight is not None:
                     probs = probs * weight[:, :, :, None, :context]
