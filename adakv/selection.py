@@ -89,7 +89,8 @@ class Selection:
     (evicted ones included), so a prompt given in chunks ends with the same budget as in one piece.
     The last ``min(window, per-head budget)`` candidates are always kept and count inside the budget, after the
     tokens a scorer pins with ``+inf`` (sinks: StreamingLLM, KVzip): a head's window is then at most its budget
-    minus its pinned tokens. Padding is never kept. A sequence whose candidates fit in its budget keeps them all.
+    minus its pinned tokens; a float budget keeps at least the scorer's ``pinned_positions`` per head (see
+    :meth:`per_head`). Padding is never kept. A sequence whose candidates fit in its budget keeps them all.
 
     Cross-layer allocators (:class:`~adakv.allocators.CrossLayerAllocator`) split one budget over the
     layers through the cache's :class:`~adakv.cascade.Cascade`; with a staged scorer the first stage is
@@ -116,12 +117,16 @@ class Selection:
     ) -> torch.Tensor:
         """Per-head budget ``[B]`` (host int64) of one layer, for sequences that have seen ``n_seen`` tokens.
         ``n_final``: the real tokens each prompt will have in all, when known (a chunked prefill): the budget is
-        then the final one, capped at what was seen, so early chunks are not cut below what the end keeps."""
+        then the final one, capped at what was seen, so early chunks are not cut below what the end keeps.
+        A fractional budget is never below the scorer's pinned tokens (its sinks): without that floor the first
+        cut of a chunked prefill (a small budget of few tokens seen) would evict a sink that the whole prompt's
+        budget keeps, and an evicted token never comes back. An int budget is the same at every cut: as given."""
         n_seen = n_seen.to("cpu", torch.int64)
         n_budget = n_seen if n_final is None else torch.maximum(n_final.to("cpu", torch.int64), n_seen)
         per_head = self.tokens_per_head(n_budget)
         per_head = self.allocator.layer_budget(per_head, n_budget, layer, num_layers, self.window)
-        return per_head.clamp(min=1).minimum(n_seen.clamp(min=1))
+        floor = 1 if isinstance(self.budget, int) else max(1, self.scorer.pinned_positions)
+        return per_head.clamp(min=floor).minimum(n_seen.clamp(min=1))
 
     def rank(
         self,

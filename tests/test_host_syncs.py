@@ -120,7 +120,8 @@ class _ScalarReads(TorchDispatchMode):
 def test_context_scorers_read_no_device_scalar_while_scoring(monkeypatch):
     """ExpectedAttention on a default-RoPE model and KVzip's per-pass scoring read nothing from the device: the
     length a RoPE type may depend on is read only for the length-dependent types; KVzip's context width comes
-    from the host counts and its padding factor is applied without first testing whether the pass has padding. A CPU run sees the reads as scalar ops even though they cost nothing here."""
+    from the host counts and its padding factor is applied without first testing whether the pass has padding.
+    A CPU run sees the reads as scalar ops even though they cost nothing here."""
     from tiny_models import ToyTokenizer
 
     from adakv import KVzip, compress_context

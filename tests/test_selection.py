@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import padded_batch, tiny_model
 from torch import nn
 
+from adakv import AdaKVCache, prefill_in_chunks, with_cache
 from adakv.allocators import AdaKV, Uniform, topk_mask
-from adakv.scorers import ScoreInputs, SnapKV
+from adakv.layer import AdaKVLayer
+from adakv.scorers import ExpectedAttention, ScoreInputs, SnapKV, StreamingLLM
 from adakv.scorers.snapkv import pool_outside_window
 from adakv.selection import Selection
 
@@ -188,3 +191,42 @@ def test_pinned_sinks_come_before_the_window(allocator, budget):
         expected = list(range(first, first + 4)) + list(range(seq - int(per_head[b]) + 4, seq))
         for h in range(heads):
             assert keep[b, h].nonzero().flatten().tolist() == expected
+
+
+# -- pinned tokens (sinks) under chunked prefill ----------------------------------------------------------------------
+def _sinks(cache, b: int = 0) -> list[list[int]]:
+    layer = next(layer for layer in cache.layers if isinstance(layer, AdaKVLayer))
+    return [sorted(p for p in row.tolist() if 0 <= p < 4) for row in layer._positions(view=False)[b]]
+
+
+@pytest.mark.fast
+def test_a_chunked_prefill_keeps_the_sinks_a_one_shot_prefill_keeps():
+    """StreamingLLM at 0.1 on 97 tokens in chunks of 32: the first cut's budget (3 of 32) is below its 4 sinks,
+    which the whole prompt's budget (10) keeps. The fractional budget's floor at the pinned count keeps all four
+    through every cut, as one shot does; a padded sequence (2 real tokens in its first chunk) keeps them as alone."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 97), generator=torch.Generator().manual_seed(0))
+    one = AdaKVCache(model, budget=0.1, method="streamingllm", window=8)
+    with torch.no_grad():
+        model(ids, **with_cache(one))
+    gen = AdaKVCache(model, budget=0.1, method="streamingllm", window=8)
+    model.generate(ids, **with_cache(gen), max_new_tokens=1, prefill_chunk_size=32, do_sample=False)
+    chunks = AdaKVCache(model, budget=0.1, method="streamingllm", window=8)
+    prefill_in_chunks(model, chunks, ids, chunk_size=32)
+    heads = model.config.num_key_value_heads
+    assert _sinks(one) == _sinks(gen) == _sinks(chunks) == [[0, 1, 2, 3]] * heads
+    assert one.kept_lengths(0).tolist() == chunks.kept_lengths(0).tolist() == [[10] * heads]
+
+    ids, mask = padded_batch(seq_len=128, pad=30)
+    batch = AdaKVCache(model, budget=0.5, method="streamingllm", window=8)
+    model.generate(ids, attention_mask=mask, **with_cache(batch), max_new_tokens=1, prefill_chunk_size=32)
+    assert _sinks(batch, 0) == [[0, 1, 2, 3]] * heads
+
+
+@pytest.mark.fast
+def test_a_fractional_budget_keeps_at_least_the_pinned_tokens_an_int_budget_is_exact():
+    selection = Selection(0.1, StreamingLLM(sinks=6), Uniform(), window=2)
+    assert selection.per_head(torch.tensor([20, 100, 3]), 0, 2).tolist() == [6, 10, 3]  # capped at what was seen
+    assert Selection(0.1, SnapKV(), Uniform(), 2).per_head(torch.tensor([20]), 0, 2).tolist() == [2]
+    assert Selection(0.1, ExpectedAttention(n_sink=4), Uniform(), 2).per_head(torch.tensor([20]), 0, 2).tolist() == [4]
+    assert Selection(3, StreamingLLM(sinks=6), Uniform(), 2).per_head(torch.tensor([20]), 0, 2).tolist() == [3]

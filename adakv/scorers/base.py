@@ -103,6 +103,13 @@ class Scorer(ABC):
     # fewer keys share it, "max" kept early tokens on stale scores and lost needles.
     chunk_scores: str = "latest"
 
+    @property
+    def pinned_positions(self) -> int:
+        """How many first positions of each sequence this scorer always scores +inf (its attention sinks): a
+        fractional budget keeps at least this many tokens per head (:meth:`Selection.per_head`), so a prompt fed
+        in chunks, whose first cuts have small budgets, keeps the same sinks as one fed whole. Default 0."""
+        return 0
+
     @abstractmethod
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor | StagedScores: ...
 

@@ -117,6 +117,10 @@ class CriticalKV(Scorer):
         self.eps = float(eps)
         self.second_stage = second_stage
 
+    @property
+    def pinned_positions(self) -> int:
+        return self.base.pinned_positions
+
     def check_model(self, model: nn.Module) -> None:
         self.base.check_model(model)
         check_output_projections(model)

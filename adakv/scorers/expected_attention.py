@@ -99,6 +99,10 @@ class ExpectedAttention(Scorer):
         self.epsilon = float(epsilon)
         self.recent_queries = recent_queries
 
+    @property
+    def pinned_positions(self) -> int:
+        return self.n_sink
+
     def check_model(self, model: nn.Module) -> None:
         for module in attention_modules(model):
             _rope_parameters(module)  # refuses a layer whose RoPE it cannot undo

@@ -84,6 +84,10 @@ class KVzip(ContextScorer):
         self.defensive = defensive
 
     @property
+    def pinned_positions(self) -> int:
+        return self.sinks
+
+    @property
     def uses_hidden_states(self) -> bool:
         return self.normalize
 

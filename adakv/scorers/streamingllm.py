@@ -12,8 +12,9 @@ class StreamingLLM(Scorer):
 
     Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
     (arXiv:2309.17453). Score: +inf for the tokens at positions < ``sinks`` (the sequence's first
-    real tokens), else the position (later = higher), so any budget keeps sinks + the most recent
-    tokens. Positions, not columns: after a first prompt chunk the sinks stay sinks.
+    real tokens), else the position (later = higher), so a budget keeps sinks + the most recent
+    tokens (a float budget is never below ``sinks`` per head: ``pinned_positions``; an int budget below
+    it keeps that many of them). Positions, not columns: after a first prompt chunk the sinks stay sinks.
     """
 
     name = "streamingllm"
@@ -22,6 +23,10 @@ class StreamingLLM(Scorer):
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"StreamingLLM sinks must be an int >= 0, got {sinks!r}.")
         self.sinks = sinks
+
+    @property
+    def pinned_positions(self) -> int:
+        return self.sinks
 
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor:
         pos = inputs.positions
