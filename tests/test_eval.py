@@ -242,6 +242,24 @@ def test_cli_speed_and_needle_heatmap(tiny_dir, tmp_path):
     assert not (out / "needle_heatmap_agnostic.png").exists()  # that mode did not run
 
 
+def test_speed_samples_the_peak_over_the_whole_decode(tiny_dir, tmp_path, monkeypatch):
+    """On CPU the peak is sampled in a run of its own: it decodes --decode-steps tokens like the timed runs (the
+    cache's growth over the decode is part of the peak), not a shortened decode."""
+    from adakv.eval import speed
+
+    real, memory_steps = speed.measure, []
+
+    def measure(model, ids, factory, steps, memory=True, compile_config=None):
+        if memory:
+            memory_steps.append(steps)
+        return real(model, ids, factory, steps, memory, compile_config)
+
+    monkeypatch.setattr(speed, "measure", measure)
+    argv = ["speed", "--model", tiny_dir, "--methods", "snapkv", "--budgets", "0.3", "--lengths", "64"]
+    assert main([*argv, "--repeats", "1", "--decode-steps", "7", "--no-plots", "--out", str(tmp_path / "p")]) == 0
+    assert memory_steps == [7, 7]  # the full cache's and snapkv's
+
+
 def test_speed_records_out_of_memory_and_goes_on(tiny_dir, tmp_path, monkeypatch):
     from adakv.eval import speed
 
@@ -310,6 +328,15 @@ def test_needle_depths(tok):
             r"--critiprefill is not combined with the context scorers \(kvzip\)",
         ),
         (["speed", "--methods", "ada-snapkv", "kvzip+"], r"the context scorers \(kvzip\+\)"),
+        (["--tasks", "niah_single", "--digits", "0"], r"--digits must be >= 1, got 0"),
+        (
+            ["--prefill-chunk-size", "64", "--critiprefill"],
+            r"--critiprefill is not combined with --prefill-chunk-size: CritiPrefill makes only a prompt's first",
+        ),
+        (
+            ["--methods", "kvzip", "snapkv", "--prefill-chunk-size", "64", "--hold-final"],
+            r"--hold-final change how a chunked prefill cuts .* the context scorers \(kvzip\) hold the document",
+        ),
     ],
 )
 def test_cli_bad_input_is_refused_before_any_work(tiny_dir, tmp_path, capsys, args, match):

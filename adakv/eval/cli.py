@@ -188,7 +188,7 @@ def _samples(args: argparse.Namespace, tok: Any, max_pos: int | None, name: str,
     """(task, length) -> [(sample, encoded)], refusing any whose prompt + new tokens do not fit the model."""
     out = {}
     for task in args.tasks:
-        takes_digits = args.digits and (task.startswith("niah") or task == "variable_tracking")
+        takes_digits = args.digits is not None and (task.startswith("niah") or task == "variable_tracking")
         options = {"digits": args.digits} if takes_digits else {}
         if task == "niah_single" and args.depths:
             options["depths"] = args.depths
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="make every prefill block-sparse with adakv.CritiPrefill (its parameters as KEY=VALUE, e.g. "
             "segment_size=128 block_size=16 budgets=256 threshold_len=0; none: the paper's defaults): each method "
             "is built live with prefill_attention=CritiPrefill(...), and a 'full+critiprefill' row is the full "
-            "cache prefilled inside adakv.sparse_prefill",
+            "cache prefilled inside adakv.sparse_prefill (not with --prefill-chunk-size: only a prompt's first "
+            "forward is made sparse)",
         )
         p.add_argument(
             "--depths",
@@ -362,9 +363,10 @@ def _validate(args: argparse.Namespace) -> None:
     tasks_given = getattr(args, "tasks", [])
     if depths and "niah_single" not in tasks_given:
         _fail("--depths places niah_single's needle; add --tasks niah_single (other tasks place theirs at random).")
-    if getattr(args, "digits", None) is not None and not any(
-        t.startswith("niah") or t == "variable_tracking" for t in tasks_given
-    ):
+    digits = getattr(args, "digits", None)
+    if digits is not None and digits < 1:
+        _fail(f"--digits must be >= 1, got {digits}.")
+    if digits is not None and not any(t.startswith("niah") or t == "variable_tracking" for t in tasks_given):
         _fail("--digits sets the values of the niah_* tasks and variable_tracking; none of them is in --tasks.")
     context_methods = [m for m in args.methods if isinstance(get_method(m)[0], ContextScorer)]
     if context_methods and args.kind == "speed":
@@ -380,6 +382,12 @@ def _validate(args: argparse.Namespace) -> None:
     chunk = getattr(args, "prefill_chunk_size", None)
     if chunk is not None and chunk < args.window:
         _fail(f"--prefill-chunk-size must be >= --window ({args.window}), got {chunk}.")
+    if chunk is not None and getattr(args, "critiprefill", None) is not None:
+        _fail(
+            "--critiprefill is not combined with --prefill-chunk-size: CritiPrefill makes only a prompt's first "
+            "forward block-sparse (and only one longer than its threshold_len), so the chunked methods' rows would "
+            "be mostly dense while the full+critiprefill row is sparse throughout. Run them separately."
+        )
     chunk_only = {
         "--no-lookahead": getattr(args, "no_lookahead", False),
         "--hold-final": getattr(args, "hold_final", False),
@@ -388,6 +396,12 @@ def _validate(args: argparse.Namespace) -> None:
     given = [flag for flag, on in chunk_only.items() if on]
     if chunk is None and given:
         _fail(f"{', '.join(given)} only apply to a chunked prefill: add --prefill-chunk-size N.")
+    if context_methods and given:
+        _fail(
+            f"{', '.join(given)} change how a chunked prefill cuts the cache after each chunk; the context "
+            f"scorers ({', '.join(context_methods)}) hold the document whole and cut once after their passes, so "
+            "the flags would not apply to them. Run those methods without the flags."
+        )
     if getattr(args, "critiprefill", None) is not None:
         args.critiprefill = _critiprefill_params(args.critiprefill)
 
