@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import run_benchmark, tiny_model
+from tiny_models import ToyTokenizer, run_benchmark, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adakv import AdaKVCache, host, with_cache
+from adakv import AdaKVCache, KVzip, compress_context, host, with_cache
 from adakv.layer import AdaKVLayer
+from adakv.scorers import ExpectedAttention
 
 
 def _ids(bsz: int, seq: int) -> torch.Tensor:
@@ -104,29 +105,13 @@ def test_prefill_overhead_benchmark_runs(tmp_path):
     assert "| 80 | 1 | ada-snapkv |" in (tmp_path / "summary.md").read_text()
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense``: what ``int(tensor)`` / ``.item()`` run, a host sync on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.fast
 def test_context_scorers_read_no_device_scalar_while_scoring(monkeypatch):
     """ExpectedAttention on a default-RoPE model and KVzip's per-pass scoring read nothing from the device: the
     length a RoPE type may depend on is read only for the length-dependent types; KVzip's context width comes
     from the host counts and its padding factor is applied without first testing whether the pass has padding.
-    A CPU run sees the reads as scalar ops even though they cost nothing here."""
-    from tiny_models import ToyTokenizer
-
-    from adakv import KVzip, compress_context
-    from adakv.scorers import ExpectedAttention
-
+    A CPU run sees the reads as ``aten._local_scalar_dense`` (what ``int(tensor)`` runs) though they cost nothing
+    here."""
     model = tiny_model("llama")
     ids = _ids(2, 64)
     reads = {}
@@ -134,11 +119,11 @@ def test_context_scorers_read_no_device_scalar_while_scoring(monkeypatch):
         ("expected", ExpectedAttention(), "__call__"),
         ("kvzip", KVzip(chunk_size=24), "observe"),
     ):
-        counter = _ScalarReads()
+        ops = _Ops()
         real = getattr(type(scorer), entry)
 
-        def counted(self, *args, _real=real, _counter=counter):
-            with _counter:
+        def counted(self, *args, _real=real, _ops=ops):
+            with _ops:
                 return _real(self, *args)
 
         monkeypatch.setattr(type(scorer), entry, counted)
@@ -148,5 +133,5 @@ def test_context_scorers_read_no_device_scalar_while_scoring(monkeypatch):
                 compress_context(model, cache, ids, tokenizer=ToyTokenizer())
             else:
                 model(ids, **with_cache(cache))
-        reads[name] = counter.count
+        reads[name] = ops.names.count("aten._local_scalar_dense.default")
     assert reads == {"expected": 0, "kvzip": 0}

@@ -112,11 +112,12 @@ class ExpectedAttention(Scorer):
         keys, values, valid, positions = inputs.keys, inputs.values, inputs.valid, inputs.positions
         bsz, h_kv, seq, dim = keys.shape
         group, q_len = inputs.group_size, inputs.queries.shape[2]
-        rope = _rope_parameters(inputs.module)  # its layout was checked when the cache was built (check_model)
+        # the RoPE layout was checked when the cache was built (check_model)
+        config, params, kind, layer_type = _rope_parameters(inputs.module)
         seen = None  # the length seen: a host read, only for the length-dependent RoPE types
-        if rope[2] in LENGTH_DEPENDENT:
+        if kind in LENGTH_DEPENDENT:
             seen = int(positions.max()) + 1 if positions.numel() else 1
-        inv_freq = _frequencies(*rope, seq_len=seen).to(keys.device)
+        inv_freq = _frequencies(config, params, kind, layer_type, seen).to(keys.device)
         rot = 2 * inv_freq.shape[0]
         if rot > dim:
             raise ValueError(f"The rotary frequencies cover {rot} dimensions but the heads have {dim}.")
