@@ -23,6 +23,7 @@ def compress_context(
     attention_mask: torch.Tensor | None = None,
     tokenizer=None,
     chunk_size: int | None = None,
+    lookahead: bool = True,
 ) -> None:
     """Put a context (a document) into an empty ``cache`` and compress it, whatever the cache's scorer.
 
@@ -31,14 +32,18 @@ def compress_context(
     restored), then every compressed layer keeps what the observed scores and the allocator choose; a
     cross-layer allocator splits one budget over all layers at once (every layer's scores exist by then).
     These are the two halves :func:`score_context` and :func:`settle_context`. With any other scorer it is
-    a plain (or chunked, ``chunk_size``) prefill. Afterwards the cache holds the compressed context:
-    ``model.generate(full_ids, past_key_values=cache)`` appends the question. ``tokenizer``: what the scorer
-    builds its passes' prompts with (KVzip needs it).
+    a plain (or chunked: ``chunk_size``, with :func:`adakv.prefill_in_chunks`' ``lookahead``) prefill.
+    Afterwards the cache holds the compressed context: ``model.generate(full_ids, past_key_values=cache)``
+    appends the question. ``tokenizer``: what the scorer builds its passes' prompts with (KVzip needs it). A
+    context scorer's chunks are held whole until its passes ran, so they are never probed (``lookahead`` does
+    not apply).
     """
+    if not isinstance(lookahead, bool):
+        raise TypeError(f"lookahead must be True or False, got {lookahead!r}.")
     if not isinstance(cache.selection.scorer, ContextScorer):
         _check_context(cache, context_ids, attention_mask)
         mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
-        _prefill(model, cache, context_ids, mask, chunk_size, lookahead=True)
+        _prefill(model, cache, context_ids, mask, chunk_size, lookahead=lookahead)
         return
     score_context(model, cache, context_ids, attention_mask, tokenizer, chunk_size)
     settle_context(model, cache)

@@ -571,6 +571,8 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos_rows = self.pos_rows[index.to(self.pos_rows.device)]
         if self.cascade_scores is not None:
             self.cascade_scores = self.cascade_scores[index.to(self.cascade_scores.device)]
+        if self.context_scores is not None:  # a scored cache not settled yet
+            self.context_scores = self.context_scores[index.to(self.context_scores.device)]
         if self.held_scores is not None:
             self.held_scores = map_scores(lambda t: t[index.to(t.device)], self.held_scores)
         if self.decode_state is not None:

@@ -17,6 +17,7 @@ import torch
 from .cache import AdaKVCache
 from .cache_kwarg import with_cache
 from .layer import AdaKVLayer
+from .prompt import mask_positions
 from .scorers import ScoreInputs, Scorer
 
 
@@ -45,10 +46,13 @@ class PrefillRecord:
 
 @torch.no_grad()
 def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PrefillRecord:
-    """Run the dense prefill once and keep what every method's compression needs."""
+    """Run the dense prefill once and keep what every method's compression needs. Positions count real tokens
+    only, as ``generate`` (and :func:`adakv.compress_context`) count them, so that a replayed cache continues with
+    ``generate`` like a live one: a bare forward would count a left-padded sequence's padding."""
     recorder = _Recorder()
     cache = AdaKVCache(model, budget=1, scorer=recorder, allocator="uniform", window=1)
-    out = model(input_ids, attention_mask=attention_mask, **with_cache(cache))
+    kwargs = {} if attention_mask is None else {"position_ids": mask_positions(attention_mask)}
+    out = model(input_ids, attention_mask=attention_mask, **with_cache(cache), **kwargs)
     stock = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, AdaKVLayer)}
     return PrefillRecord(recorder.seen, stock, out.logits[:, -1].clone(), input_ids.shape[1])
 

@@ -228,15 +228,20 @@ def test_a_constant_position_shift_does_not_change_the_scores():
     positions from the first real token, and only differences matter."""
     model = tiny_model("llama")
     ids, mask = padded_batch(seq_len=40, pad=9)
-    shifted = record_prefill(model, ids, mask)  # positions 0.. over padding too: shifted by 9 for row 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():  # the generate() way: positions counted over real tokens
-        cache = AdaKVCache(model, budget=1, scorer=_Capture(), allocator="uniform", window=1)
-        model(ids, attention_mask=mask, position_ids=positions, **with_cache(cache))
+    shifted = _captured(model, ids, mask)  # a bare forward: positions 0.. over padding too, shifted by 9 for row 0
+    counted = _captured(model, ids, mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))  # the generate() way
     scorer = ExpectedAttention()
-    for layer, rec in shifted.inputs.items():
-        a, b = scorer(rec), scorer(cache.selection.scorer.seen[layer])
+    for layer, rec in shifted.items():
+        a, b = scorer(rec), scorer(counted[layer])
         assert torch.allclose(a[rec.valid], b[rec.valid], rtol=1e-4, atol=1e-6), layer
+
+
+def _captured(model, ids, mask, **kwargs) -> dict:
+    """Each layer's ScoreInputs of one prefill."""
+    with torch.no_grad():
+        cache = AdaKVCache(model, budget=1, scorer=_Capture(), allocator="uniform", window=1)
+        model(ids, attention_mask=mask, **kwargs, **with_cache(cache))
+    return cache.selection.scorer.seen
 
 
 class _Capture(ExpectedAttention):

@@ -226,3 +226,22 @@ def test_a_padded_sequence_is_scored_as_alone():
 
     for both, alone in zip(scores(ids, mask), scores(ids[:1, pad:], mask[:1, pad:])):
         torch.testing.assert_close(both[:, : length - pad], alone, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index", [[1, 0], [1], [0, 0, 1]])
+def test_a_scored_cache_reordered_settles_as_the_settled_cache_reordered(index):
+    """Beam search, num_return_sequences or a user's batch_select_indices between score_context and settle_context:
+    the reconstruction scores move with their sequences (they stayed in the old order, so a sequence settled on
+    another's scores)."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=60, pad=30)
+    scored = AdaKVCache(model, 0.3, scorer=KVzip(chunk_size=24), allocator="adakv", window=4)
+    score_context(model, scored, ids, attention_mask=mask, tokenizer=ToyTokenizer())
+    moved, settled = copy.deepcopy(scored), copy.deepcopy(scored)
+    moved.batch_select_indices(torch.tensor(index))
+    settle_context(model, moved)
+    settle_context(model, settled)
+    settled.batch_select_indices(torch.tensor(index))
+    for a, b in zip(moved.layers, settled.layers):
+        assert torch.equal(a.store.lengths(), b.store.lengths())
+        assert torch.equal(a._positions(view=False), b._positions(view=False))

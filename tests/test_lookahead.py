@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import padded_batch, tiny_model
 
-from adakv import AdaKVCache, SnapKV, prefill_in_chunks, with_cache
+from adakv import AdaKVCache, SnapKV, compress_context, prefill_in_chunks, with_cache
 from adakv.layer import AdaKVLayer
 from adakv.prompt import chunk_bounds
 
@@ -165,6 +165,24 @@ def test_lookahead_errors():
     with pytest.raises(TypeError, match="lookahead must be True or False"):
         prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead="yes")
     prefill_in_chunks(model, cache, ids, 16, attention_mask=mask, lookahead=False)
+
+
+def test_compress_context_takes_the_lookahead_of_prefill_in_chunks():
+    """compress_context(chunk_size=...) passes lookahead on: the refusal's advice (lookahead=False) can be followed
+    there too, and each setting keeps what prefill_in_chunks keeps."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seq_len=64, pad=60)  # a sequence with 4 real tokens < window
+    with pytest.raises(ValueError, match="lookahead=False"):
+        compress_context(model, AdaKVCache(model, budget=0.3, window=8), ids, attention_mask=mask, chunk_size=16)
+    with pytest.raises(TypeError, match="lookahead must be True or False"):
+        compress_context(model, AdaKVCache(model, budget=0.3, window=8), ids, chunk_size=16, lookahead=None)
+    ids, mask = padded_batch(seq_len=64, pad=10)
+    for lookahead in (False, True):
+        mine, theirs = (AdaKVCache(model, budget=0.3, window=8) for _ in range(2))
+        compress_context(model, mine, ids, attention_mask=mask, chunk_size=16, lookahead=lookahead)
+        prefill_in_chunks(model, theirs, ids, 16, attention_mask=mask, lookahead=lookahead)
+        for a, b in zip(compressed(mine), compressed(theirs)):
+            assert held_positions(a) == held_positions(b)
 
 
 @pytest.mark.parametrize("lookahead", [False, True])

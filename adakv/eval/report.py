@@ -60,7 +60,8 @@ def _speed_summary(rows: list[dict], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = (
         "peak: above the memory in use before the run (CUDA allocator peak on GPU; sampled process RSS on CPU). "
-        "compression share: time in AdaKVLayer.compress (scoring, selection, compaction) / prefill time."
+        "compression share: time in AdaKVLayer.compress_dense (a first prompt chunk's scoring, selection, "
+        "compaction) / prefill time."
     )
     return "\n".join([*lines, "", note]) + "\n"
 
