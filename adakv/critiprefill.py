@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .attention import mask_validity, original_attention
@@ -174,17 +175,48 @@ class CritiPrefill(PrefillAttention):
         return getattr(getattr(module, "config", None), "num_hidden_layers", None)
 
     def check_model(self, model: nn.Module) -> None:
-        """ValueError if ``layer_skip`` leaves no sparse layer in ``model``, or the Triton backend cannot run on
-        its device (called by :func:`sparse_prefill` and when an AdaKVCache is built with this policy)."""
+        """ValueError if ``layer_skip`` leaves no sparse layer in ``model`` (only full-attention layers can be sparse),
+        or the Triton kernel cannot run on its device or with these shapes (called by :func:`sparse_prefill` and
+        when an AdaKVCache is built with this policy: before any forward)."""
         config = getattr(model, "config", model)  # a model, or its config (AdaKVCache accepts either)
         n = self.num_layers or getattr(config, "num_hidden_layers", None)
         if n is None and hasattr(config, "get_text_config"):
             n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         if n is not None and self.layer_skip >= n:
             raise ValueError(f"CritiPrefill: layer_skip={self.layer_skip} leaves no sparse layer in a {n}-layer model")
+        full = _full_attention_layers(config)  # sliding-window layers keep the model's attention
+        if full == []:
+            raise ValueError(
+                f"CritiPrefill: {type(config).__name__} has no full-attention layer (sliding-window layers keep the "
+                "model's attention), so it would do nothing."
+            )
+        if full and full[-1] < self.layer_skip:
+            raise ValueError(
+                f"CritiPrefill: layer_skip={self.layer_skip} leaves no sparse layer in {type(config).__name__}: its "
+                f"full-attention layers are {full} (sliding-window layers are never sparse). Use layer_skip <= "
+                f"{full[-1]}."
+            )
         device = getattr(model, "device", None)
         if self.backend == "triton" and isinstance(device, torch.device):
             self._check_triton_device(device)
+        triton = self.backend == "triton" or (
+            self.backend == "auto" and isinstance(device, torch.device) and device.type == "cuda"
+        )
+        if triton:  # the kernel's own limits, refused before a forward has filled some layers' caches
+            if self.segment_size % 16:
+                raise ValueError(
+                    f"CritiPrefill: the Triton kernel needs segment_size a multiple of 16, got {self.segment_size} "
+                    "(or use backend='torch')."
+                )
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            dim = getattr(text, "head_dim", None)
+            if dim is None and getattr(text, "num_attention_heads", None):
+                dim = text.hidden_size // text.num_attention_heads
+            if dim is not None and dim > 256:
+                raise ValueError(
+                    f"CritiPrefill: the Triton kernel supports head_dim up to 256, this model has {dim} "
+                    "(use backend='torch')."
+                )
 
     def sparse_possible(self, q_len: int, k_len: int) -> bool:
         """Whether any segment of a ``q_len``-query forward over ``k_len`` keys can be sparse (shapes only).
@@ -349,21 +381,45 @@ class CritiPrefill(PrefillAttention):
             raise ValueError(
                 f"CritiPrefill: layer_skip={self.layer_skip} leaves no sparse layer in a {n_layers}-layer model"
             )
+        if not (layer_idx >= self.layer_skip and self.sparse_possible(q_len, k_len)):
+            return self.dense_attention(query, key, value, valid, scaling, softcap)
         if valid is None:
             valid = torch.ones(bsz, k_len, dtype=torch.bool, device=key.device)
-        if scaling is None:
-            scaling = dim**-0.5
-        attend = self.kernel(query)
-        if layer_idx >= self.layer_skip and self.sparse_possible(q_len, k_len):
-            blocks, dense = self.select(query, key, valid, layer_idx)
-            self.last_selection = (blocks, dense)
-            if n_layers is not None and layer_idx >= n_layers - 1:
-                self._fused = None  # the chain ends with the model's last layer
-        else:
-            blocks, dense = reference.dense_selection(
+        selection = self.select(query, key, valid, layer_idx)
+        self.last_selection = selection
+        if n_layers is not None and layer_idx >= n_layers - 1:
+            self._fused = None  # the chain ends with the model's last layer
+        return self._run(query, key, value, valid, scaling, softcap, selection)
+
+    def dense_attention(self, query, key, value, valid, scaling, softcap) -> torch.Tensor:
+        """Dense causal attention through the same kernel as :meth:`attention`, with its arguments (the last
+        ``L_q`` of ``L_k`` positions are the queries), ``[B, L_q, H_q, D]``."""
+        return self._run(query, key, value, valid, scaling, softcap, None)
+
+    def _run(self, query, key, value, valid, scaling, softcap, selection) -> torch.Tensor:
+        """The kernel over ``selection`` (``blocks``, ``dense``; None: every block, dense)."""
+        bsz, _, q_len, dim = query.shape
+        h_kv, k_len = key.shape[1], key.shape[2]
+        if valid is None:
+            valid = torch.ones(bsz, k_len, dtype=torch.bool, device=key.device)
+        if selection is None:
+            selection = reference.dense_selection(
                 bsz, h_kv, q_len, k_len, self.segment_size, self.block_size, key.device
             )
-        return attend(query, key, value, blocks, dense, valid, scaling, softcap, self.segment_size, self.block_size)
+        scaling = dim**-0.5 if scaling is None else scaling
+        attend = self.kernel(query)
+        return attend(query, key, value, *selection, valid, scaling, softcap, self.segment_size, self.block_size)
+
+
+def _full_attention_layers(config) -> list[int] | None:
+    """Indices of the full-attention layers of a transformers config (None: not a config that says)."""
+    if not hasattr(config, "get_text_config"):
+        return None
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
 
 def _layer_idx(module: nn.Module) -> int:

@@ -196,8 +196,21 @@ class AdaKVLayer(CacheLayerMixin):
     def _first_chunk(self, module, query, keys, values, valid, scaling, softcap, dense) -> torch.Tensor:
         bsz, _, seq, _ = keys.shape
         prefill = self.policy.prefill_attention
-        if prefill is not None and prefill.applies(module, query.shape[2], seq):
-            out = prefill.attention(module, query, keys, values, valid, scaling, softcap)
+        probe = self.shared.phase.lookahead
+        if prefill is not None and prefill.applies(module, query.shape[2] - probe, seq - probe):
+            if probe:
+                # the sparse prefill's segments are aligned to the end of its keys: the chunk's are computed over
+                # the chunk alone, as without a probe (a probe would shift them all); the probe's rows, forgotten
+                # after the cut, attend densely and causally over the chunk and themselves
+                head = slice(None, seq - probe)
+                part = None if valid is None else valid[:, head]
+                chunk = prefill.attention(
+                    module, query[:, :, head], keys[:, :, head], values[:, :, head], part, scaling, softcap
+                )
+                tail = prefill.dense_attention(query[:, :, head.stop :], keys, values, valid, scaling, softcap)
+                out = torch.cat([chunk, tail], 1)
+            else:
+                out = prefill.attention(module, query, keys, values, valid, scaling, softcap)
         else:
             out = dense()
         self.compress_dense(query, keys, values, valid, scaling, softcap, module)

@@ -366,6 +366,9 @@ def test_errors_of_sparse_prefill():
         sparse_prefill(model, layer_skip=3),
     ):
         pass
+    with pytest.raises(ValueError, match="Triton kernel needs segment_size a multiple of 16"):
+        with sparse_prefill(model, backend="triton", segment_size=8, block_size=4, budgets=8):
+            pass
     with pytest.raises(ValueError, match="either a CritiPrefill policy or its parameters"):
         with sparse_prefill(model, CritiPrefill(), budgets=64):
             pass
@@ -385,6 +388,25 @@ def test_errors_of_sparse_prefill():
             pass
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+def test_layer_skip_is_checked_against_the_full_attention_layers():
+    """Sliding-window layers are never sparse: a layer_skip past the last full-attention layer (Gemma-3 ends with
+    sliding layers), or a model with only sliding layers, is refused up front, not run with nothing sparse."""
+    from adakv import AdaKVCache
+
+    gemma = tiny_model("gemma3")  # sliding, full, sliding
+    assert gemma.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match=r"full-attention layers are \[1\].*layer_skip <= 1"):
+        with sparse_prefill(gemma, layer_skip=2):
+            pass
+    with pytest.raises(ValueError, match=r"full-attention layers are \[1\]"):
+        AdaKVCache(gemma, 0.5, prefill_attention=CritiPrefill(layer_skip=2))
+    with sparse_prefill(gemma, layer_skip=1):
+        pass
+    with pytest.raises(ValueError, match="has no full-attention layer"):
+        with sparse_prefill(tiny_model("mistral", sliding_window=64)):
+            pass
 
 
 def test_errors_of_the_attention_entry(monkeypatch):
@@ -459,3 +481,25 @@ def test_adakv_cache_with_sparse_prefill(family):
             assert (layer.kept_lengths().sum(-1) - 3 * layer.kept_lengths().shape[1] == per_head * 2).all()
     with pytest.raises(TypeError, match="prefill_attention must be a PrefillAttention"):
         AdaKVCache(model, 0.25, prefill_attention=object())
+
+
+def test_a_lookahead_probe_does_not_move_the_sparse_segments():
+    """prefill_in_chunks' probe (the prompt's last window, run after the first chunk, then forgotten) is not part of
+    CritiPrefill's segments: with nothing evicted, the chunk's K/V and the logits equal those without a probe. The
+    segments are aligned to the end of the keys, so a probe in them shifted every segment by its length."""
+    from adakv import AdaKVCache, prefill_in_chunks
+
+    model = tiny_model("llama")
+    doc = torch.randint(3, 256, (1, 100), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def held(lookahead):
+        policy = CritiPrefill(**SMALL)
+        cache = AdaKVCache(model, 1.0, window=8, prefill_attention=policy)
+        logits = prefill_in_chunks(model, cache, doc, chunk_size=72, lookahead=lookahead)
+        assert not policy.last_selection[1].all()  # some segment of the first chunk was sparse
+        layer = cache.layers[2]
+        return layer.store.view(layer.store.keys)[0], logits
+
+    (k_probe, l_probe), (k_none, l_none) = held(True), held(False)
+    torch.testing.assert_close(k_probe, k_none, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l_probe, l_none, rtol=1e-4, atol=1e-4)

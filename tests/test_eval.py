@@ -579,6 +579,22 @@ def test_cli_multi_mode_all_methods_and_chunked_prefill(tiny_dir, tmp_path):
 
 
 @pytest.mark.fast
+def test_critiprefill_parameters_are_checked_against_the_model_before_any_sample(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    import adakv.eval.cli as cli
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a sample ran")
+
+    monkeypatch.setattr(cli, "run_quality", no_run)
+    argv = ["quality", "--model", tiny_dir, "--methods", "snapkv", "--budgets", "0.3", "--lengths", "200"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--samples", "1", "--critiprefill", "layer_skip=100", "--out", str(tmp_path / "x")])
+    assert "--critiprefill: CritiPrefill: layer_skip=100 leaves no sparse layer" in capsys.readouterr().err
+
+
+@pytest.mark.fast
 def test_run_info_records_command_machine_versions_and_commit():
     from adakv.eval.runinfo import machine_line, run_info
 

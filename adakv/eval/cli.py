@@ -471,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, args.dtype, args.device, random_weights=getattr(args, "random_weights", False))
     max_pos = _max_positions(model.config)
     _check_lengths(max_pos, needs, args.model)
+    if getattr(args, "critiprefill", None) is not None:  # e.g. a layer_skip past the model's full-attention layers
+        from ..critiprefill import CritiPrefill
+
+        try:
+            CritiPrefill(**args.critiprefill).check_model(model)
+        except ValueError as exc:
+            _fail(f"--critiprefill: {exc}")
     if args.kind == "speed":
         rows, outputs = run_speed(args, model, tok)
     else:
