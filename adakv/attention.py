@@ -63,6 +63,13 @@ def _adakv_attention(
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__} uses attention sinks, which AdaKVCache does not support yet.")
     handle = key
+    if kwargs.get("output_attentions"):
+        handle.layer.shared.phase.failed = True  # stock layers before this one may have stored the forward's tokens
+        raise ValueError(
+            "output_attentions=True: AdaKVCache attends over compacted per-head segments and returns no attention "
+            "weights (transformers would hand back empty tuples). Use a DynamicCache to inspect attention; call "
+            "cache.reset() before using this cache again."
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")

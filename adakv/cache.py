@@ -6,7 +6,12 @@ import copy
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from . import attention, prompt
 from .allocators import Allocator, get_allocator
@@ -84,12 +89,28 @@ class UpdateCheck:
                 f"but got key states of shape {tuple(key_states.shape)}. Create one AdaKVCache per model."
             )
         held = layer.store.shape[0] if layer.store is not None else key_states.shape[0]
-        if key_states.shape[0] != held:
-            raise ValueError(
-                f"This AdaKVCache holds {held} sequences but the model was called with a batch of "
-                f"{key_states.shape[0]}. For beam search or num_return_sequences on an already filled cache, call "
-                "cache.batch_repeat_interleave(num_beams) first."
-            )
+        check_batch(held, key_states.shape[0])
+
+
+def check_batch(held: int, called: int) -> None:
+    """Refuse a forward whose batch is not the one the cache holds, saying what to do."""
+    if called != held:
+        raise ValueError(
+            f"This AdaKVCache holds {held} sequences but the model was called with a batch of {called}. For beam "
+            "search or num_return_sequences on an already filled cache, call cache.batch_repeat_interleave(num_beams) "
+            "first; for another batch, cache.reset() (or a new cache)."
+        )
+
+
+class StockSlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window cache layer, unchanged but for the batch check the compressed layers make: in a
+    model whose first layers slide (Gemma 2/3) a forward with another batch would otherwise fail inside torch.cat
+    before any compressed layer could say why. (No ``_layer_type``: it would register this class for every cache.)"""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.is_initialized:
+            check_batch(self.keys.shape[0], key_states.shape[0])
+        return super().update(key_states, value_states, *args, **kwargs)
 
 
 class AdaKVCache(Cache):
@@ -221,9 +242,11 @@ class AdaKVCache(Cache):
         for kind, kw in zip(layer_types, layer_kwargs):
             if kind == "full_attention":
                 layers.append(AdaKVLayer(policy, self.shared, check, rank, n_full))
+                layers[-1].module_checked = model_obj is not None  # else at its first forward
                 rank += 1
             else:
-                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
+                stock = DYNAMIC_LAYER_TYPE_MAPPING[kind]
+                layers.append((StockSlidingLayer if stock is DynamicSlidingWindowLayer else stock)(**kw))
         self._link_cascade(layers)
         self._first_compressed = layer_types.index("full_attention")  # decides each forward's prompt phase
         super().__init__(layers=layers)
@@ -281,8 +304,9 @@ class AdaKVCache(Cache):
     def make_room(self, tokens: int) -> None:
         """With ``reserve=`` and ``tokens`` up to the reserve: if any segment of a layer cannot take ``tokens`` more,
         re-lay the layer out with the reserve free again in every segment (otherwise nothing). transformers' mask
-        building calls it before every forward (:meth:`get_mask_sizes`); call it yourself between the steps of a
-        compiled loop whose masks you build: inside a compiled step a full segment would break the graph."""
+        building calls it before every forward (:meth:`get_mask_sizes`), but not inside a compiled model's trace:
+        call it yourself before each forward of a compiled model you call directly (not through generate), or a
+        full segment breaks the graph (an error under ``fullgraph=True``)."""
         for layer in self.layers:
             if isinstance(layer, AdaKVLayer):
                 layer.make_room(tokens)

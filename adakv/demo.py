@@ -20,12 +20,7 @@ from .cache_kwarg import with_cache
 from .models import load_smollm2
 from .needle import is_correct, make_needle_sample
 from .scorers import ContextScorer, get_scorer
-from .selection import check_budget
-
-
-def _budget(text: str) -> float | int:
-    value = float(text)
-    return check_budget(int(value) if value.is_integer() and value > 1 else value)
+from .selection import budget_argument
 
 
 def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tokens: int) -> tuple[str, float, int]:
@@ -50,7 +45,9 @@ def answer(model, tokenizer, sample, cache, question_agnostic: bool, max_new_tok
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=_budget, default=0.2, help="fraction of the prompt kept (or tokens per head)")
+    parser.add_argument(
+        "--budget", type=budget_argument, default=0.2, help="fraction of the prompt kept (or tokens per head)"
+    )
     parser.add_argument("--context-tokens", type=int, default=2000, help="document length in tokens")
     parser.add_argument("--depth", type=float, default=0.4, help="where the fact is hidden (0 = start, 1 = end)")
     parser.add_argument("--seed", type=int, default=3)

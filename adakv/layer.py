@@ -79,6 +79,9 @@ class AdaKVLayer(CacheLayerMixin):
         self.shared = shared
         self._check = check
         self.rank, self.num_compressed = rank, num_compressed  # index among the cache's compressed layers
+        # a cache built from a config has not shown the scorer the model: it checks this layer's module at its
+        # first forward (Scorer.check_model) instead of scoring a model it cannot score
+        self.module_checked = True
         self._clear()
 
     def _clear(self) -> None:
@@ -172,6 +175,9 @@ class AdaKVLayer(CacheLayerMixin):
         ``values`` ``[B, H_kv, Q, D]``; ``valid`` bool ``[B, Q]`` (None: all real); ``dense()`` is the model's
         own attention over the new tokens alone (used for a first prompt chunk)."""
         try:
+            if not self.module_checked:
+                self.policy.selection.scorer.check_model(module)
+                self.module_checked = True
             return self._attend(module, query, keys, values, valid, scaling, softcap, dense)
         except BaseException:
             # the layers before this one stored their share of the forward, this one may not have: refuse the

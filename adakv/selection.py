@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import numbers
@@ -40,6 +41,16 @@ def check_budget(budget: object) -> float | int:
             "For a number of tokens per KV head pass an int."
         )
     return budget
+
+
+def budget_argument(text: str) -> float | int:
+    """A budget given on a command line (an ``argparse`` type): ``"0.2"`` a fraction, ``"128"`` tokens per KV head,
+    ``"1"`` the whole prompt; bad input gets :func:`check_budget`'s message, not argparse's generic one."""
+    try:
+        value = float(text)
+        return check_budget(int(value) if value.is_integer() and value > 1 else value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_window(window: object) -> int:

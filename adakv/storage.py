@@ -198,6 +198,12 @@ class RaggedKV:
             self._took(q_len)
             self.length += q_len  # a scalar: no host-to-device copy (that would sync) per decoded token
             return
+        if torch.compiler.is_compiling():  # growing re-lays the storage out from host counts: not in a graph
+            raise RuntimeError(
+                f"An AdaKVCache segment has no room for {q_len} more token(s) inside a compiled forward (its reserve "
+                "is used up). Call cache.make_room(n) before each compiled forward of n tokens (generate does it), "
+                "or give the cache a larger reserve=."
+            )
         if valid is None:
             added = torch.full((new_k.shape[0], 1), q_len, dtype=torch.int64)
         elif counts is not None:

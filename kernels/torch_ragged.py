@@ -9,7 +9,8 @@ strided view and computed with one batched matmul.
 
 The segment metadata is read on the host: pass ``host_start`` / ``host_length`` (the storage's host copies)
 to avoid reading the tensors; on CPU reading them costs no sync either way. Buffers in a low-precision dtype
-are converted to fp32 one segment at a time (never the whole cache at once).
+are converted to fp32 per segment, or per run of equal segments (with a uniform allocation that is the whole
+layer at once: a transient fp32 copy of the layer's K/V).
 """
 
 from __future__ import annotations

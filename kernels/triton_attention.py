@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import attend_tile, split_partials
+from .triton_softmax import attend_tile, check_rows, split_partials
 
 # Triton's CPU interpreter computes half-precision dots wrongly; it gets the exact fp32 path instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,9 +145,10 @@ def ragged_attention(
     """
     bsz, heads, group, q_len, dim = q.shape
     n_seg, n_rows = bsz * heads, group * q_len
+    check_rows(k_buf, v_buf, dim)
     if max_len is None:
         max_len = int(length.max()) if length.numel() else 0
-    if max_len == 0 or n_seg == 0:
+    if max_len == 0 or n_seg == 0 or n_rows == 0:
         return torch.zeros_like(q)
     q = q.contiguous()
     block_d = max(16, triton.next_power_of_2(dim))

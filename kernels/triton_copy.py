@@ -2,7 +2,8 @@
 
 Each of those writes K and V rows (``head_dim`` contiguous elements) from a source
 to a flat buffer at computed rows. The index vectors are built with a few torch
-ops on the device (no host sync); the copy of K and V is one launch.
+ops on the device (no host sync, except in ``copy_segments_``: the number of rows a re-layout moves sizes its
+index vector); the copy of K and V is one launch.
 Reference: :mod:`adakv.kernels.reference` (``compact_``, ``append_``, ``copy_segments_``).
 """
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import attend_tile, log2_logits, split_partials
+from .triton_softmax import attend_tile, check_rows, log2_logits, split_partials
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # its half-precision dots are wrong: exact fp32 instead
 _alloc = torch.empty  # scratch allocation; tests swap in a NaN-filled one to catch unwritten elements
@@ -184,7 +184,9 @@ def decode_(
     attention ``[B, H, G, 1, D]`` over every segment's tokens, the new one included. Every segment must have a
     free row. ``counters``: int32 ``[B * H]`` zeros, owned by the caller and left at zero. ``max_len`` sizes the
     grid and must be >= the longest segment after the append (a fixed value, e.g. the widest capacity, gives
-    the same launch at every step)."""
+    the same launch at every step); it is not checked (that would read the lengths on the host): a smaller one
+    leaves the new row of a longer segment unwritten while its length still advances. The buffers must be
+    contiguous ``[rows, D]`` (checked)."""
     if torch.compiler.is_compiling():  # traced: the registered op, opaque to dynamo, its mutations declared
         return torch.ops.adakv.decode_(
             q, new_k, new_v, k_buf, v_buf, start, length, counters, float(scaling), softcap, int(max_len)
@@ -201,6 +203,7 @@ def _launch(q, new_k, new_v, k_buf, v_buf, start, length, counters, scaling, sof
         return torch.zeros_like(q)
     if new_k.stride(-1) != 1 or new_v.stride(-1) != 1:
         raise ValueError("decode_: new_k / new_v need a contiguous last dimension")
+    check_rows(k_buf, v_buf, dim)
     q = q.contiguous()
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group))

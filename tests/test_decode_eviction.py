@@ -257,3 +257,13 @@ def test_a_policy_that_cannot_follow_the_cascade_is_refused_when_built():
         AdaKVCache(model, 0.3, method="layer-defensivekv", decode=KeepAll())
     AdaKVCache(model, 0.3, method="defensivekv", decode=KeepAll())
     AdaKVCache(model, 0.3, method="layer-defensivekv", decode="h2o")
+
+
+@pytest.mark.parametrize("decode", ["rescore", "h2o"])
+@pytest.mark.parametrize("allocator", [None, "adakv"])  # None: KVzip's preset, one budget over the layers
+def test_a_context_scorer_is_refused_with_its_own_reason_first(decode, allocator):
+    """With KVzip no decode policy works; the refusal says so first (it used to name the cross-layer allocator and
+    suggest a per-layer one or decode='h2o', both then refused for the context scorer)."""
+    kwargs = {"method": "kvzip"} if allocator is None else {"scorer": "kvzip", "allocator": allocator}
+    with pytest.raises(ValueError, match="has none to start from. Use decode=None"):
+        AdaKVCache(tiny_model("llama"), 0.3, decode=decode, **kwargs)

@@ -218,6 +218,13 @@ def test_expected_attention_refuses_interleaved_rope_when_built(method):
         AdaKVCache(cohere, 0.3, method=method)
     AdaKVCache(cohere, 0.3, method="snapkv")  # a scorer without pre-RoPE queries is fine
     AdaKVCache(tiny_model("llama"), 0.3, method=method)  # half-split
+    # built from the config, the scorer meets the model at the first forward: refused there (it used to score)
+    cache = AdaKVCache(cohere.config, 0.3, method=method)
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="half-split RoPE"), torch.no_grad():
+        cohere(ids, **with_cache(cache))
+    with pytest.raises(ValueError, match="failed"), torch.no_grad():  # refused until reset, as after any failure
+        cohere(ids, **with_cache(cache))
 
 
 @pytest.mark.parametrize("method", ["kvzip", "kvzip+", "kvzip-defensive", "defensivekv", "ada-criticalkv"])
@@ -226,3 +233,27 @@ def test_scorers_reading_o_proj_refuse_a_model_without_one_when_built(method):
     with pytest.raises(ValueError, match="o_proj"):
         AdaKVCache(neox, 0.3, method=method)
     AdaKVCache(neox, 0.3, method="snapkv")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_output_attentions_is_refused_not_returned_empty(family):
+    """The compacted segments have no dense attention matrix: output_attentions=True used to give empty tuples."""
+    model = tiny_model(family)
+    model.set_attn_implementation("eager")
+    cache = AdaKVCache(model, 0.5, window=4)
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="output_attentions=True"), torch.no_grad():
+        model(ids, output_attentions=True, **with_cache(cache))
+    cache.reset()
+    with torch.no_grad():
+        model(ids, **with_cache(cache))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("budget", ["1.5", "0"])
+def test_the_demo_says_why_a_budget_is_refused(budget, capsys):
+    from adakv.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--budget", budget])
+    assert "must be in (0, 1]" in capsys.readouterr().err  # was argparse's "invalid _budget value"

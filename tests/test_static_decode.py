@@ -205,3 +205,31 @@ def test_eager_prompt_chunks_with_a_reserve_take_the_ragged_path():
         caches[reserve] = cache
     for a, b in zip(caches[None].layers, caches[24].layers):
         assert torch.equal(a.kept_lengths(), b.kept_lengths())
+
+
+def test_a_compiled_model_called_directly_needs_make_room_past_the_reserve():
+    """Called directly (not through generate), a compiled model builds its mask inside the trace, so nothing refills
+    the reserve: with make_room before each step it decodes past the reserve as eager does; without it, a full
+    segment under fullgraph=True fails with the advice (it failed on a data-dependent guard with no hint)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def step(cache, tok):
+        return model(tok, **with_cache(cache)).logits[:, -1:]
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=True)
+    torch._dynamo.reset()
+    caches = [AdaKVCache(model, 1.0, reserve=16, backend="torch") for _ in range(3)]
+    with torch.no_grad():
+        for cache in caches:
+            tok = model(ids, **with_cache(cache)).logits[:, -1:].argmax(-1)
+        first = tok
+        for _ in range(20):  # past the 16 reserved rows
+            eager = step(caches[0], tok)
+            caches[1].make_room(1)
+            torch.testing.assert_close(compiled(caches[1], tok), eager, rtol=1e-5, atol=1e-5)
+            tok = eager.argmax(-1)
+        with pytest.raises(Exception, match="make_room"):
+            tok = first
+            for _ in range(20):
+                tok = compiled(caches[2], tok).argmax(-1)

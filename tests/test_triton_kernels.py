@@ -59,6 +59,29 @@ def test_long_segments_split_and_merge(dtype, q_len):
     _compare_attention(lengths, 4, q_len, 64, dtype, None, q_len > 1, torch.Generator().manual_seed(q_len))
 
 
+def test_attention_refuses_buffers_it_would_misread_and_takes_no_queries():
+    """A view of a wider buffer (rows not `dim` apart) was read wrongly without a word; no query rows crashed."""
+    from adakv.kernels import triton_decode
+
+    lengths = torch.tensor([[5, 3]], device=DEVICE)
+    start = torch.tensor([[0, 8]], device=DEVICE)
+    wide = torch.randn(16, 128, device=DEVICE)
+    q = torch.randn(1, 2, 1, 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_attention.ragged_attention(q, wide[:, :64], wide[:, 64:], start, lengths, 0.125)
+    new = torch.randn(1, 2, 1, 64, device=DEVICE)
+    counters = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_decode.decode_(q, new, new, wide[:, :64], wide[:, 64:], start, lengths, counters, 0.125, None, 8)
+    empty = q[:, :, :, :0]
+    assert (
+        triton_attention.ragged_attention(
+            empty, wide[:, :64].contiguous(), wide[:, 64:].contiguous(), start, lengths, 0.125
+        ).shape
+        == empty.shape
+    )
+
+
 def _compare_attention(lengths, group, q_len, dim, dtype, softcap, use_hidden, gen):
     bsz, heads = lengths.shape
     start = _layout(lengths, slack=5)

@@ -58,19 +58,19 @@ class DecodePolicy(ABC):
         context scorer (KVzip) compresses after passes of its own, with no such queries."""
         from ..scorers import ContextScorer
 
-        if selection.cross_layer and not self.follows_cross_layer_cuts:
-            raise ValueError(
-                f"decode={self.name!r} keeps per-layer state that cannot follow {selection.allocator!r}, which splits "
-                "one budget across layers and cuts earlier layers again after their own cut. Use a per-layer "
-                "allocator (uniform, adakv, pyramidkv), or decode='h2o' (it follows those cuts)."
-            )
-
+        # first: no decode policy works with a context scorer, so the allocator's advice would lead nowhere
         if isinstance(selection.scorer, ContextScorer):
             raise ValueError(
                 f"decode={self.name!r} re-scores held tokens from the recent queries, but {selection.scorer!r} scores "
                 "a context with its own passes (adakv.compress_context) and has none to start from. Use decode=None "
                 "with it (the context is compressed once; the question and the answer are kept), or a query-based "
                 "scorer (e.g. method='defensivekv') for a bounded generation."
+            )
+        if selection.cross_layer and not self.follows_cross_layer_cuts:
+            raise ValueError(
+                f"decode={self.name!r} keeps per-layer state that cannot follow {selection.allocator!r}, which splits "
+                "one budget across layers and cuts earlier layers again after their own cut. Use a per-layer "
+                "allocator (uniform, adakv, pyramidkv), or decode='h2o' (it follows those cuts)."
             )
 
     @abstractmethod

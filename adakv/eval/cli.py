@@ -38,7 +38,7 @@ from ..methods import METHODS, get_method
 from ..models import MODELS, default_cache_dir
 from ..models import load_model as load_registered
 from ..scorers import ContextScorer
-from ..selection import check_budget
+from ..selection import budget_argument
 from .report import _meta, _write
 from .runners import run_fidelity, run_quality
 from .speed import run_speed
@@ -58,14 +58,6 @@ QUESTION_MARGIN = 128  # tokens a question part may add after the context
 def _fail(message: str) -> NoReturn:
     print(f"adakv.eval: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def _budget(text: str) -> float | int:
-    try:
-        value = float(text)
-        return check_budget(int(value) if value.is_integer() and value > 1 else value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _model_dir(spec: str) -> Path | None:
@@ -212,7 +204,9 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     )
     default_methods = ["ada-snapkv", "snapkv"] if kind != "speed" else ["ada-snapkv"]
     p.add_argument("--methods", nargs="+", default=default_methods, help=f"from: {', '.join(METHODS)}; all: every one")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=[0.2, 0.5], help="fractions or tokens per head")
+    p.add_argument(
+        "--budgets", nargs="+", type=budget_argument, default=[0.2, 0.5], help="fractions or tokens per head"
+    )
     lengths = [1000] if kind != "speed" else [500, 1000, 2000]
     p.add_argument("--lengths", nargs="+", type=int, default=lengths, help="context lengths in tokens")
     p.add_argument("--window", type=int, default=32, help="observation window of the methods")

@@ -16,8 +16,10 @@ class SnapKV(Scorer):
     With A = softmax(Q_win K^T * scaling) over the last w prompt queries (causal
     inside the window, fp32), the score of token j is
 
-        s_j = pool_k( (1/w) * sum_i A_ij )   aggregated over the G query heads of a
-                                              KV group by mean (or max),
+        s_j = pool_k( agg_g( (1/w) * sum_i A^g_ij ) ),
+
+    agg_g the mean (or max) over the G query heads g of a KV group, taken *before* the pooling (with max
+    pooling the order matters: the group's aggregate is pooled, not each query head's scores),
 
     where pool_k is a stride-1 1-D max- (default, kernel 7) or average-pool
     (kernel 5 in the paper) over positions outside the window, zero-padded.
