@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         if not diffs:
             print(f"{name}: no cell shared with {base_name}")
             continue
-        within = sum(abs(d) <= args.tolerance for d in diffs)
-        better = sum(d > args.tolerance for d in diffs)
+        tol = args.tolerance + 1e-9  # a difference of exactly the tolerance (e.g. 1/20 at 0.05) is within it
+        within = sum(abs(d) <= tol for d in diffs)
+        better = sum(d > tol for d in diffs)
         print(
             f"{name} vs {base_name}: {len(diffs)} cells, {within} within {args.tolerance:g}, {better} better, "
             f"{len(diffs) - within - better} worse, mean difference {sum(diffs) / len(diffs):+.3f}"

@@ -172,11 +172,18 @@ def e2e_point(args, model, policy: CritiPrefill, ctx: int) -> dict:
         with torch.no_grad():
             return model(ids, **with_cache(DynamicCache(config=model.config)), logits_to_keep=1).logits
 
+    def measured(name: str) -> None:  # its time, and on CUDA its own peak (weights included), not the other's
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row[f"{name}_s"] = timed(prefill, dev, args.e2e_repeats, args.e2e_calls)
+        if dev == "cuda":
+            row[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated()
+
     row: dict = {"context": ctx}
     try:
-        row["dense_sdpa_s"] = timed(prefill, dev, args.e2e_repeats, args.e2e_calls)
+        measured("dense_sdpa")
         with sparse_prefill(model, policy):
-            row["critiprefill_s"] = timed(prefill, dev, args.e2e_repeats, args.e2e_calls)
+            measured("critiprefill")
             sel = policy.last_selection
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
@@ -187,8 +194,6 @@ def e2e_point(args, model, policy: CritiPrefill, ctx: int) -> dict:
         row["pairs_fraction_last_layer"] = computed_pairs(
             *sel, ctx, ctx, policy.segment_size, policy.block_size
         ) / dense_pairs(1, h_kv, ctx, ctx)
-    if dev == "cuda":
-        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     return row
 
 
@@ -202,7 +207,6 @@ def gpu_main(args) -> dict:
         for ctx in args.contexts:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
             e2e.append(e2e_point(args, model, policy, ctx))
     return {"policy": repr(policy), "dtype": args.dtype, "attention": attention, "end_to_end": e2e}
 

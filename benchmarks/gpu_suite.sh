@@ -11,7 +11,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl transformers==<the version `pip show transformers` gives here>
-# ). Outputs go to $OUT (one log and one .tar.gz per stage: the device returns at most 8 files); unpack them
+# ). Give the commit you run as ADAKV_COMMIT=<sha> before the command (the device's copy of the tree may have no git
+# history, and adakv is installed into a folder of its own, so the results would record no commit). Outputs go to $OUT (one log and one .tar.gz per stage: the device returns at most 8 files); unpack them
 # into benchmarks/results/ and commit them with the device name. Each step has its own time limit so a slow one
 # cannot take the others' output with it. Locally, `OUT=/tmp/x bash benchmarks/gpu_suite.sh env` checks the setup.
 set -uo pipefail
@@ -21,6 +22,8 @@ mkdir -p "$OUT"
 log="$OUT/$stage.log"
 exec > >(tee "$log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+ADAKV_COMMIT=${ADAKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+export ADAKV_COMMIT
 work=$(mktemp -d)
 py=${PYTHON:-python3}
 

@@ -42,6 +42,7 @@ from adakv.cache import layer_kv_bytes
 from adakv.eval.runinfo import run_info
 from adakv.eval.speed import _greedy, compression_timer, peak_memory, percentile
 from adakv.layer import AdaKVLayer
+from adakv.selection import budget_argument
 from adakv.storage import MIN_SLACK, RaggedKV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def chunk_trace(args: argparse.Namespace, model: Any, ids: torch.Tensor) -> list
             seconds = time.perf_counter() - begin
             state = held(cache)
             seen = cache.get_seq_length()
-            kept = int(seen * args.budget + 0.5)  # the selection's per-head budget: round(budget x seen)
+            kept = per_head_budget(args.budget, seen)
             rows.append(
                 {
                     "chunk": len(rows),
@@ -360,7 +361,7 @@ def run_chunked(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, s
     after = {
         "full_kv_bytes": full,
         "full_kv_bytes_measured": dynamic,
-        "budget_times_full": args.budget * full,
+        "budget_times_full": full * per_head_budget(args.budget, last["tokens_seen"]) / last["tokens_seen"],
         "slack_bytes": last["segments"] * MIN_SLACK * row_bytes(model),
         "chunked_kv_bytes": last["kv_bytes"],
         "chunked_over_full": last["kv_bytes"] / full,
@@ -689,16 +690,17 @@ def run_context(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, s
     return {"configs": summary, "runs": runs}, table
 
 
+def per_head_budget(budget: float | int, seen: int) -> int:
+    """The selection's per-head budget after ``seen`` tokens: round(budget x seen) for a fraction, an int as given
+    (capped at what was seen)."""
+    return min(budget, seen) if isinstance(budget, int) else int(seen * budget + 0.5)
+
+
 # -- command line -------------------------------------------------------------------------------------------------
-def _budget(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() and value > 1 else value
-
-
 def _chunk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=8192, help="prompt tokens")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
-    p.add_argument("--budget", type=_budget, default=0.2)
+    p.add_argument("--budget", type=budget_argument, default=0.2)
     p.add_argument("--method", default="ada-snapkv")
 
 
@@ -726,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/lifecycle/)")
     p = parsers["cascade"]
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    p.add_argument("--budget", type=_budget, default=0.2)
+    p.add_argument("--budget", type=budget_argument, default=0.2)
     p.add_argument("--methods", nargs=2, default=["layer-defensivekv", "defensivekv"], metavar=("A", "B"))
     p.add_argument("--repeats", type=int, default=5)
     _chunk_options(parsers["chunked"])
@@ -739,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("context", "context-worker"):
         p = parsers[name]
         p.add_argument("--length", type=int, default=2048, help="prompt tokens")
-        p.add_argument("--budget", type=_budget, default=0.2)
+        p.add_argument("--budget", type=budget_argument, default=0.2)
     parsers["context"].add_argument("--configs", nargs="+", choices=CONTEXT_CONFIGS, default=list(CONTEXT_CONFIGS))
     parsers["context"].add_argument("--repeats", type=int, default=2)
     parsers["context"].add_argument("--in-process", action="store_true", help="no fresh processes (smoke tests)")
@@ -747,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["decode"]
     p.add_argument("--prompt-tokens", type=int, default=500)
     p.add_argument("--tokens", type=int, default=2000, help="greedy tokens generated (forced: min_new_tokens)")
-    p.add_argument("--budget", type=_budget, default=256, help="an int (tokens per KV head)")
+    p.add_argument("--budget", type=budget_argument, default=256, help="an int (tokens per KV head)")
     p.add_argument("--interval", type=int, default=16, help="Rescore interval (and H2ODecode slack)")
     p.add_argument("--methods", nargs="+", choices=DECODE_METHODS, default=list(DECODE_METHODS))
     p.add_argument("--repeats", type=int, default=2)

@@ -4,11 +4,12 @@
     python benchmarks/prefill_overhead.py --device cuda --model llama3-8b-shape --dtype bfloat16 --lengths 32768 \
         --out benchmarks/results/prefill_overhead_h100    # Llama-3.1-8B's shape, random weights
 
-For each prompt length (random ids, seeded) and method, alternated in one process, medians of ``--repeats``:
-- the prefill forward with a DynamicCache and with ``AdaKVCache(model, budget, method=...)`` (synchronized);
+For each prompt length (random ids, seeded) and method, alternated in one process:
+- the prefill forward with a DynamicCache and with ``AdaKVCache(model, budget, method=...)`` (synchronized),
+  medians of ``--repeats``;
 - the time spent in compression (scoring + allocation + compaction: ``AdaKVLayer.compress_dense`` of every
-  layer), measured in a separate instrumented prefill that synchronizes around each call, as a fraction of that
-  prefill (issue #10's goal on a GPU at 32k: <= 5% for ada-snapkv);
+  layer), measured in one separate instrumented prefill per method (not repeated) that synchronizes around each
+  call, as a fraction of that prefill (issue #10's goal on a GPU at 32k: <= 5% for ada-snapkv);
 - the host's waits for the device: ``adakv.host.to_host`` calls per compressed layer (every deliberate read of
   a device value goes through it), and on CUDA the synchronizing operations ``torch.cuda.set_sync_debug_mode``
   reports during one prefill, against the DynamicCache prefill's own.

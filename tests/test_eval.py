@@ -608,3 +608,14 @@ def test_run_info_records_command_machine_versions_and_commit():
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
     line = machine_line(info["machine"])
     assert f"{info['machine']['cpu_count']} CPUs" in line and "CPU (" in line
+
+
+def test_run_info_outside_a_checkout_records_the_commit_it_is_given(monkeypatch, tmp_path):
+    """benchmarks/gpu_suite.sh installs adakv into a folder of its own on a machine whose copy has no history."""
+    import adakv.eval.runinfo as runinfo
+
+    monkeypatch.setattr(runinfo, "_SOURCE", tmp_path)
+    monkeypatch.delenv("ADAKV_COMMIT", raising=False)
+    assert runinfo.git_state() == {"commit": None, "dirty": None}
+    monkeypatch.setenv("ADAKV_COMMIT", "0123abcd" * 5)
+    assert runinfo.git_state() == {"commit": "0123abcd" * 5, "dirty": None}

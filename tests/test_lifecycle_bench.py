@@ -72,6 +72,15 @@ def test_chunked(main, tmp_path):
     assert isinstance(after["chunked_within_budget_plus_slack"], bool)
 
 
+def test_chunked_bounds_with_an_int_budget(main, tmp_path):
+    """An int budget is tokens per head, not a fraction: the bound was computed as budget x seen (32 x full)."""
+    body = run(main, tmp_path, "chunked", "--length", "200", "--chunk", "64", "--budget", "32", "--peak-in-process")
+    for row in body["trace"]:
+        assert row["kv_bytes"] <= row["bound_kv_bytes"] <= 2 * row["kv_bytes"]
+    after = body["after_prompt"]
+    assert after["budget_times_full"] == after["full_kv_bytes"] * 32 / 200
+
+
 def test_peak_worker_prints_one_json_line(main, capsys):
     one_thread(
         main, ["peak-worker", "--model", "tiny", "--config", "adakv-chunked", "--length", "150", "--chunk", "64"]

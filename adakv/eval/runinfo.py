@@ -72,7 +72,9 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def git_state() -> dict[str, Any]:
-    """Commit and whether tracked files differ from it; None for both outside a git checkout."""
+    """Commit and whether tracked files differ from it. Outside a git checkout (adakv installed into a folder of its
+    own, as ``benchmarks/gpu_suite.sh`` does on a device machine whose copy has no history) the commit is
+    ``$ADAKV_COMMIT`` when the caller set it, else None, and ``dirty`` is None (unknown)."""
 
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=_SOURCE, capture_output=True, text=True, check=True).stdout.strip()
@@ -80,7 +82,7 @@ def git_state() -> dict[str, Any]:
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("ADAKV_COMMIT") or None, "dirty": None}
 
 
 def run_info(command: str, device: torch.device | str | None = None) -> dict[str, Any]:

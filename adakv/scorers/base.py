@@ -114,8 +114,9 @@ class Scorer(ABC):
     def __call__(self, inputs: ScoreInputs) -> torch.Tensor | StagedScores: ...
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse, with a ValueError, a model this scorer cannot score (called when a cache is built for a model;
-        not when it is built from a config alone). Default: any model."""
+        """Refuse, with a ValueError, a model this scorer cannot score: called with the model when a cache is built
+        for one, and with each compressed layer's attention module at its first forward when the cache was built
+        from a config (so ``model`` may be a single attention module). Default: any model."""
         return None
 
     def __repr__(self) -> str:
