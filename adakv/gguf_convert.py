@@ -70,7 +70,7 @@ def package_dir(spec: GGUFModel) -> Path:
 @contextmanager
 def gguf_path(spec: GGUFModel, cache_dir: Path) -> Iterator[Path]:
     """The GGUF file: in its package, or assembled into a temporary directory next to ``cache_dir`` (deleted
-    afterwards; a killed run's leftover is removed by a later :func:`convert`)."""
+    afterwards; a killed run's leftover is removed by a later load: :func:`remove_stale`)."""
     pkg_dir = package_dir(spec)
     if not spec.assembled:
         yield pkg_dir / spec.gguf_file
@@ -81,6 +81,17 @@ def gguf_path(spec: GGUFModel, cache_dir: Path) -> Iterator[Path]:
         yield Path(assemble(tmp / spec.gguf_file))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(cache_dir: Path, age_s: float = 3600) -> None:
+    """Remove the temporary folders a killed conversion into ``cache_dir`` left next to it (up to ~1.3 GB), once
+    older than ``age_s``: a younger one may be another process converting now. Called by every load."""
+    for stale in cache_dir.parent.glob(f".{cache_dir.name}.tmp-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def is_complete(path: Path) -> bool:
@@ -95,12 +106,14 @@ def convert(spec: GGUFModel, cache_dir: Path) -> None:
         if cache_dir.is_dir() and not any(cache_dir.iterdir()):
             cache_dir.rmdir()
         else:  # never delete foreign data; our own writes are atomic, so this is not a half cache
-            raise FileExistsError(f"{cache_dir} exists but is not an adakv model cache")
+            raise FileExistsError(
+                f"{cache_dir} exists but is not an adakv model cache (no {COMPLETE_MARKER}): point "
+                "$ADAKV_CACHE_DIR / $ADAKV_CACHE_ROOT elsewhere, or give a checkpoint directory as the model "
+                "(adakv-bench --model DIR)"
+            )
     package_dir(spec)  # fail on missing packages before touching the file system
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.parent.glob(f".{cache_dir.name}.tmp-*"):  # left by killed runs
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(cache_dir)
 
     with gguf_path(spec, cache_dir) as path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -119,6 +132,8 @@ def convert(spec: GGUFModel, cache_dir: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"converted from {spec.gguf_file}\n")
+        for written in tmp.iterdir():  # safetensors writes 0600: a cache shared by several users must be readable
+            os.chmod(written, 0o644)
         try:
             os.replace(tmp, cache_dir)
         except OSError:

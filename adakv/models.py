@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .gguf_convert import GGUFModel, convert, is_complete, package_dir
+from .gguf_convert import GGUFModel, convert, is_complete, package_dir, remove_stale
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -92,6 +92,8 @@ def load_model(
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(name)
     if not is_complete(path):
         convert(spec, path)
+    else:
+        remove_stale(path)
     # attn_implementation left unset: transformers picks sdpa, or eager where sdpa cannot run.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

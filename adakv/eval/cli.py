@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import torch
 import transformers
 
+from ..gguf_convert import is_complete
 from ..methods import METHODS, get_method
 from ..models import MODELS, default_cache_dir
 from ..models import load_model as load_registered
@@ -65,7 +66,7 @@ def _model_dir(spec: str) -> Path | None:
     a hub id already in the local Hugging Face cache; fails on unknown names and missing paths."""
     if spec in MODELS:
         path = default_cache_dir(spec)
-        return path if (path / "config.json").is_file() else None
+        return path if is_complete(path) else None
     path = Path(spec).expanduser()
     if not path.exists() and spec.count("/") <= 1:  # maybe a hub id downloaded earlier (never fetched here)
         from huggingface_hub import try_to_load_from_cache
@@ -157,11 +158,14 @@ def load_model(spec: str, dtype: str, device: str, random_weights: bool = False)
     if spec in MODELS and not random_weights:
         try:
             model, tok = load_registered(spec, dtype=torch_dtype)
-        except ImportError as exc:
+        except (ImportError, FileExistsError) as exc:
             _fail(f"--model {spec}: {exc}")
         return model.to(device), tok
     if spec in MODELS and _model_dir(spec) is None:
-        load_registered(spec)  # converts once, so that its directory holds a config and a tokenizer
+        try:
+            load_registered(spec)  # converts once, so that its directory holds a config and a tokenizer
+        except (ImportError, FileExistsError) as exc:
+            _fail(f"--model {spec}: {exc}")
     path = _model_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
