@@ -12,13 +12,15 @@ Measures:
    decode (``--decode-steps`` tokens, so the growth re-layouts are inside it), the median and p99 of the single
    steps, the memory-bound floor (weight bytes + K/V bytes) / copy bandwidth, and peak memory.
 
-How kernels are timed: ``--calls`` calls back to back between two CUDA events (the per-call time is the
-difference / calls; medians over ``--repeats`` such blocks), never one call between two events, which would
-measure the Python launch cost at small sizes. The calls rotate over enough independent copies of the inputs that
-they do not fit in the L2 cache together (a real decode step reads every layer's K/V cold). The same calls are
-also captured in one CUDA graph and its replay is timed (``*_graph_s``: the GPU time without launch overhead;
-null, with the reason, where capture fails). Prefill timings synchronize before reading the clock; the decode
-steps are timed by events recorded between them, read after one final synchronize.
+How kernels are timed: ``--calls`` calls back to back between two CUDA events (the per-call time is the difference /
+calls; medians over ``--repeats`` such blocks), never one call between two events, which would measure the Python
+launch cost at small sizes. A kernel and its baseline (ragged vs sdpa, fused vs unfused decode step) run in
+alternated blocks. The end-to-end decodes (3.) run once each, DynamicCache first: read them as a check; ``adakv-
+bench speed`` gives the alternated, repeated end-to-end figures. The calls rotate over enough independent copies of
+the inputs that they do not fit in the L2 cache together (a real decode step reads every layer's K/V cold). The same
+calls are also captured in one CUDA graph and its replay is timed (``*_graph_s``: the GPU time without launch
+overhead; null, with the reason, where capture fails). Prefill timings synchronize before reading the clock; the
+decode steps are timed by events recorded between them, read after one final synchronize.
 Writes benchmarks/results/<out>.json (or ``--out`` itself if it ends in .json) with the command, device,
 versions and date.
 """
@@ -53,29 +55,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _calls(fns: Callable | Sequence[Callable]) -> list[Callable]:
+    return [fns] if callable(fns) else list(fns)
+
+
+def _block(fns: list[Callable], device: str, calls: int) -> float:
+    """Seconds per call of ``calls`` calls back to back (rotating over ``fns``): CUDA events around the block."""
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    return (time.perf_counter() - t0) / calls
+
+
 def timed(fns: Callable | Sequence[Callable], device: str, repeats: int, calls: int) -> float:
     """Median seconds per call: ``calls`` calls back to back (rotating over ``fns``) per timed block, after a
     warm-up call of each; ``repeats`` blocks."""
-    fns = [fns] if callable(fns) else list(fns)
-    for fn in fns:
-        fn()
+    return timed_alternated([fns], device, repeats, calls)[0]
+
+
+def timed_alternated(contenders: Sequence, device: str, repeats: int, calls: int) -> list[float]:
+    """:func:`timed` of each of ``contenders`` (a callable or a sequence of them), their blocks alternated
+    (A, B, A, B, ...) so that a clock or thermal drift falls on all alike; the median of each one's blocks."""
+    groups = [_calls(c) for c in contenders]
+    for fns in groups:
+        for fn in fns:
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in groups]
     for _ in range(repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for i in range(calls):
-                fns[i % len(fns)]()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3 / calls)
-        else:
-            t0 = time.perf_counter()
-            for i in range(calls):
-                fns[i % len(fns)]()
-            times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+        for fns, out in zip(groups, times):
+            out.append(_block(fns, device, calls))
+    return [statistics.median(t) for t in times]
 
 
 def graph_timed(fns: Sequence[Callable], repeats: int, calls: int) -> tuple[float | None, str | None]:
@@ -160,8 +178,7 @@ def attention_point(args, ctx: int, batch: int, dtype, bandwidth: float) -> dict
         (lambda k=k, v=v: F.scaled_dot_product_attention(q_full, k, v, scale=scaling, enable_gqa=True))
         for k, v in full_kv
     ]
-    t_ragged = timed(ragged, dev, args.repeats, args.calls)
-    t_full = timed(full, dev, args.repeats, args.calls)
+    t_ragged, t_full = timed_alternated([ragged, full], dev, args.repeats, args.calls)
     # the fused decode launch (the opt-in triton-fused backend) against the unfused Triton step
     fused_ops = backend("triton-fused", q.device) if ops.name.startswith("triton") else None
     steps = decode_step_ab(stores, q, scaling, ops, fused_ops, dev, args) if fused_ops is not None else None
@@ -283,8 +300,7 @@ def decode_step_ab(stores: list[RaggedKV], q: torch.Tensor, scaling: float, ops,
     got = fused_calls[0]()
     want = reference.ragged_attention(q, store.keys, store.values, store.start, store.length + 1, scaling)
     err = max_rel_err(got, want)
-    t_fused = timed(fused_calls, dev, args.repeats, args.calls)
-    t_unfused = timed(unfused_calls, dev, args.repeats, args.calls)
+    t_fused, t_unfused = timed_alternated([fused_calls, unfused_calls], dev, args.repeats, args.calls)
     cuda = dev == "cuda"
     g_fused, why_f = graph_timed(fused_calls, args.repeats, args.calls) if cuda else (None, "not CUDA")
     g_unfused, why_u = graph_timed(unfused_calls, args.repeats, args.calls) if cuda else (None, "not CUDA")

@@ -60,6 +60,17 @@ def gpu_speed():
     return module
 
 
+def test_gpu_speed_alternates_the_contenders_blocks(gpu_speed):
+    """The kernel and its baseline are timed in alternated blocks (they ran one after the other)."""
+    order = []
+    a, b = (lambda: order.append("a")), [lambda: order.append("b1"), lambda: order.append("b2")]
+    times = gpu_speed.timed_alternated([a, b], "cpu", repeats=3, calls=2)
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    warmup, blocks = order[:3], order[3:]
+    assert warmup == ["a", "b1", "b2"]
+    assert blocks == ["a", "a", "b1", "b2"] * 3
+
+
 def _prompt(model, n: int, batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return torch.randint(3, model.config.vocab_size, (batch, n), generator=gen).to(model.device)
