@@ -15,12 +15,12 @@ Measures:
 How kernels are timed: ``--calls`` calls back to back between two CUDA events (the per-call time is the difference /
 calls; medians over ``--repeats`` such blocks), never one call between two events, which would measure the Python
 launch cost at small sizes. A kernel and its baseline (ragged vs sdpa, fused vs unfused decode step) run in
-alternated blocks. The end-to-end decodes (3.) run once each, DynamicCache first: read them as a check; ``adakv-
-bench speed`` gives the alternated, repeated end-to-end figures. The calls rotate over enough independent copies of
-the inputs that they do not fit in the L2 cache together (a real decode step reads every layer's K/V cold). The same
-calls are also captured in one CUDA graph and its replay is timed (``*_graph_s``: the GPU time without launch
-overhead; null, with the reason, where capture fails). Prefill timings synchronize before reading the clock; the
-decode steps are timed by events recorded between them, read after one final synchronize.
+alternated blocks. The end-to-end decodes (3.) run once each, DynamicCache first: read them as a check;
+``adakv-bench speed`` gives the alternated, repeated end-to-end figures. The calls rotate over enough independent
+copies of the inputs that they do not fit in the L2 cache together (a real decode step reads every layer's K/V
+cold). The same calls are also captured in one CUDA graph and its replay is timed (``*_graph_s``: the GPU time
+without launch overhead; null, with the reason, where capture fails). Prefill timings synchronize before reading the
+clock; the decode steps are timed by events recorded between them, read after one final synchronize.
 Writes benchmarks/results/<out>.json (or ``--out`` itself if it ends in .json) with the command, device,
 versions and date.
 """
