@@ -11,6 +11,7 @@ from torch import nn
 
 from .cascade import Cascade
 from .decode import DecodePolicy
+from .kernels.block_sparse_reference import masked_attention
 from .prompt import PromptPhase
 from .scorers import ContextScorer
 from .selection import Selection
@@ -24,7 +25,8 @@ class PrefillAttention(ABC):
     attention), e.g. CritiPrefill's block-sparse prefill. Later chunks and decoding are not affected."""
 
     def applies(self, module: nn.Module, q_len: int, k_len: int) -> bool:
-        """Whether :meth:`attention` replaces the model's own attention for this layer and shape (else dense)."""
+        """Whether :meth:`attention` replaces the model's own attention for this layer and shape (else dense); the
+        lengths are the first chunk's, without a lookahead probe (:func:`adakv.prefill_in_chunks`)."""
         return True
 
     def check_model(self, model: nn.Module | PretrainedConfig) -> None:
@@ -44,7 +46,29 @@ class PrefillAttention(ABC):
         softcap: float | None,
     ) -> torch.Tensor:
         """Output ``[B, L_q, H_q, D]`` of ``query`` ``[B, H_q, L_q, D]`` over dense ``key``/``value``
-        ``[B, H_kv, L_k, D]`` (the queries are the last L_q keys, causal); ``valid`` bool ``[B, L_k]``."""
+        ``[B, H_kv, L_k, D]`` (the queries are the last L_q keys, causal); ``valid`` bool ``[B, L_k]``. Under a
+        lookahead probe it gets the first chunk alone; the probe's rows go to :meth:`dense_attention`."""
+
+    def dense_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        valid: torch.Tensor | None,
+        scaling: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """Dense causal attention of the last L_q of L_k positions, same arguments and output as :meth:`attention`:
+        a lookahead probe's rows (the prompt's last window, run after the first chunk and then forgotten), kept out
+        of :meth:`attention` so that the probe does not change how the chunk itself is attended. Default: plain
+        torch in fp32 (a window's rows: small); a policy with a faster dense path of its own overrides it."""
+        bsz, _, q_len, _ = query.shape
+        h_kv, k_len = key.shape[1], key.shape[2]
+        rows = torch.arange(k_len - q_len, k_len, device=key.device)[:, None]
+        mask = (torch.arange(k_len, device=key.device)[None, :] <= rows)[None, None]  # causal [1, 1, L_q, L_k]
+        if valid is not None:
+            mask = mask & valid[:, None, None, :]
+        return masked_attention(query, key, value, mask.expand(bsz, h_kv, q_len, k_len), scaling, softcap)
 
 
 @dataclass

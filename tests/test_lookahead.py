@@ -206,3 +206,32 @@ def test_defensivekv_seen_mean_counts_only_tokens_seen_under_a_probe(monkeypatch
     prefill_in_chunks(model, cache, ids, 16, lookahead=lookahead)
     # chunks end at 16, 32, 48, 64; without a probe the window is the chunk's last 8 tokens
     assert seen == ([[16], [32], [48], [56]] if lookahead else [[8], [24], [40], [56]])
+
+
+def test_a_custom_prefill_attention_takes_the_chunk_and_leaves_the_probe_to_its_dense_default():
+    """A PrefillAttention that implements only `attention` (the interface's one abstract method) works under the
+    lookahead probe: the probe's rows go to the base class's dense default, and the cache equals a dense prefill's."""
+    import torch.nn.functional as F
+
+    from adakv import PrefillAttention
+
+    class PlainSdpa(PrefillAttention):
+        def __init__(self):
+            self.shapes = []
+
+        def attention(self, module, query, key, value, valid, scaling, softcap):
+            self.shapes.append((query.shape[2], key.shape[2]))
+            group = query.shape[1] // key.shape[1]
+            k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+            return F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling).transpose(1, 2)
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    policy = PlainSdpa()
+    mine, dense = AdaKVCache(model, 0.5, window=8, prefill_attention=policy), AdaKVCache(model, 0.5, window=8)
+    prefill_in_chunks(model, mine, ids, 16)
+    prefill_in_chunks(model, dense, ids, 16)
+    assert policy.shapes and all(shape == (16, 16) for shape in policy.shapes)  # the first chunk alone, no probe
+    for a, b in zip(compressed(mine), compressed(dense)):
+        assert held_positions(a) == held_positions(b)
+        torch.testing.assert_close(a.store.view(a.store.keys)[0], b.store.view(b.store.keys)[0])
