@@ -272,11 +272,12 @@ def chunk_trace(args: argparse.Namespace, model: Any, ids: torch.Tensor) -> list
             seconds = time.perf_counter() - begin
             state = held(cache)
             seen = cache.get_seq_length()
-            kept = per_head_budget(args.budget, seen)
+            kept = int(cache.selection.tokens_per_head(torch.tensor([seen])))  # the selection's per-head budget
             rows.append(
                 {
                     "chunk": len(rows),
                     "tokens_seen": seen,
+                    "kept_per_head": kept,
                     "seconds": seconds,
                     **state,
                     "max_kv_bytes_before_cut": max((c["kv"] for c in cuts), default=None),
@@ -361,7 +362,7 @@ def run_chunked(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, s
     after = {
         "full_kv_bytes": full,
         "full_kv_bytes_measured": dynamic,
-        "budget_times_full": full * per_head_budget(args.budget, last["tokens_seen"]) / last["tokens_seen"],
+        "budget_times_full": full * last["kept_per_head"] / last["tokens_seen"],
         "slack_bytes": last["segments"] * MIN_SLACK * row_bytes(model),
         "chunked_kv_bytes": last["kv_bytes"],
         "chunked_over_full": last["kv_bytes"] / full,
@@ -688,12 +689,6 @@ def run_context(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict, s
         "prefill (CPU) or the CUDA allocator's peak."
     )
     return {"configs": summary, "runs": runs}, table
-
-
-def per_head_budget(budget: float | int, seen: int) -> int:
-    """The selection's per-head budget after ``seen`` tokens: round(budget x seen) for a fraction, an int as given
-    (capped at what was seen)."""
-    return min(budget, seen) if isinstance(budget, int) else int(seen * budget + 0.5)
 
 
 # -- command line -------------------------------------------------------------------------------------------------

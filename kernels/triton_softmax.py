@@ -15,9 +15,10 @@ import triton.language as tl
 
 def check_rows(k_buf: torch.Tensor, v_buf: torch.Tensor, dim: int) -> None:
     """The kernels address row r of a buffer at ``r * dim``: refuse a buffer laid out otherwise (a view of a wider
-    one), which they would read wrongly without a word."""
+    one), which they would read wrongly without a word. It runs at every decode step: two comparisons per buffer
+    (strides ``(dim, 1)`` imply a 2-D buffer; the width is checked apart, a narrower view can have those strides)."""
     for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
-        if buf.dim() != 2 or buf.shape[1] != dim or buf.stride() != (dim, 1):
+        if buf.stride() != (dim, 1) or buf.shape[-1] != dim:
             raise ValueError(
                 f"{name} must be a contiguous [rows, {dim}] buffer, got shape {tuple(buf.shape)} "
                 f"with strides {buf.stride()}"
