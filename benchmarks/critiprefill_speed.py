@@ -14,7 +14,8 @@ GPU mode, per context (batch 1, no padding):
 2. end to end: the model's prefill (``logits_to_keep=1``, a DynamicCache) with its sdpa attention, then inside
    ``sparse_prefill(model)`` (layer 0 stays sdpa, as in the paper).
 Kernels are timed as ``--calls`` calls back to back between two CUDA events (median over ``--repeats`` blocks);
-prefills as ``--e2e-calls`` back to back between events (median over ``--e2e-repeats``).
+prefills as ``--e2e-calls`` back to back between events, dense and CritiPrefill alternated in ``--e2e-repeats``
+rounds (medians; each configuration's peak memory is the largest of its rounds).
 
 CPU report: wall-clock of ``model(ids, past_key_values=DynamicCache(), logits_to_keep=1)`` for the stock sdpa
 model and inside ``sparse_prefill`` (torch path), at the paper's defaults and at a smaller threshold
@@ -35,6 +36,7 @@ machine, versions, date and parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -172,22 +174,26 @@ def e2e_point(args, model, policy: CritiPrefill, ctx: int) -> dict:
         with torch.no_grad():
             return model(ids, **with_cache(DynamicCache(config=model.config)), logits_to_keep=1).logits
 
-    def measured(name: str) -> None:  # its time, and on CUDA its own peak (weights included), not the other's
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        row[f"{name}_s"] = timed(prefill, dev, args.e2e_repeats, args.e2e_calls)
-        if dev == "cuda":
-            row[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated()
-
     row: dict = {"context": ctx}
-    try:
-        measured("dense_sdpa")
-        with sparse_prefill(model, policy):
-            measured("critiprefill")
-            sel = policy.last_selection
+    times: dict[str, list[float]] = {"dense_sdpa": [], "critiprefill": []}
+    sel = None
+    try:  # alternated rounds (dense, then sparse), each with its own peak (weights included), medians over rounds
+        for rnd in range(args.e2e_repeats):
+            for name in times:
+                if dev == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                with sparse_prefill(model, policy) if name == "critiprefill" else contextlib.nullcontext():
+                    times[name].append(timed(prefill, dev, 1, args.e2e_calls, warmup=1 if rnd == 0 else 0))
+                    if name == "critiprefill":
+                        sel = policy.last_selection
+                if dev == "cuda":
+                    peak = torch.cuda.max_memory_allocated()
+                    row[f"{name}_peak_bytes"] = max(peak, row.get(f"{name}_peak_bytes", 0))
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row
+    for name, values in times.items():
+        row[f"{name}_s"] = statistics.median(values)
     row["speedup"] = row["dense_sdpa_s"] / row["critiprefill_s"]
     if sel is not None:
         h_kv = model.config.num_key_value_heads

@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU check the open issues need (#10 decode speed, kernels and prefill overhead, #12 CritiPrefill speed), in
-# four commands of under 10 minutes each, so that a session lent a GPU spends its 30 device minutes measuring, not setting up.
+# Every GPU check the open issues need (#10 decode speed, kernels, prefill overhead and compiled decode, #12
+# CritiPrefill speed), as stages that fit the device's calls (10 minutes each, 30 device minutes a session) when
+# run two or three to a call, so that a session lent a GPU spends its minutes measuring, not setting up.
 #
-# Usage (the repository root is the working directory; the device tool's run takes each as its command):
-#   bash benchmarks/gpu_suite.sh tests      # environment report + the kernel tests on CUDA (fp32/fp16/bf16)
-#   bash benchmarks/gpu_suite.sh speed      # benchmarks/gpu_speed.py: decode attention and end to end
-#   bash benchmarks/gpu_suite.sh prefill    # decode_profile.py + prefill_overhead.py on CUDA, 32k tokens
-#   bash benchmarks/gpu_suite.sh critiprefill   # critiprefill_speed.py
-# with `carry: [".whl"]` where the device's transformers is older than the one CI tests (prepare .whl here:
-#   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl transformers==<the version `pip show transformers` gives here>
-# ). Give the commit you run as ADAKV_COMMIT=<sha> before the command (the device's copy of the tree may have no git
-# history, and adakv is installed into a folder of its own, so the results would record no commit). Outputs go to $OUT (one log and one .tar.gz per stage: the device returns at most 8 files); unpack them
-# into benchmarks/results/ and commit them with the device name. Each step has its own time limit so a slow one
-# cannot take the others' output with it. Locally, `OUT=/tmp/x bash benchmarks/gpu_suite.sh env` checks the setup.
+# Usage (the repository root is the working directory; the device tool's run takes it as its command):
+#   bash benchmarks/gpu_suite.sh STAGE...   # several stages run in order, in one call
+#   tests         environment report + the kernel tests compiled on CUDA (fp32/fp16/bf16) + generate on CUDA
+#   speed         benchmarks/gpu_speed.py: decode attention alone (ragged vs sdpa, fused vs unfused, flash)
+#   prefill       decode_profile.py + prefill_overhead.py on CUDA, 32k tokens
+#   critiprefill  critiprefill_speed.py
+#   e2e           adakv-bench speed on the Llama-3.1-8B shape: DynamicCache, compiled StaticCache, compiled adakv
+# with `carry: [".whl", ".gpu"]`: .whl holds the transformers this checkout tests where the device's is older
+# (here: echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12
+#  --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==<`pip show transformers`>), and
+# .gpu/llama8b-shape (for e2e) Llama-3.1-8B's config.json with any tokenizer's files (SmolLM2's: random ids).
+# Give the commit you run as ADAKV_COMMIT=<sha> before the command (the device's copy of the tree has no git
+# history, and adakv is installed into a folder of its own). Outputs go to $OUT: one log per call and one .tar.gz per
+# stage, packed again after each step so that a step cut off by the call's limit keeps the earlier ones' results
+# (the device returns at most 8 files). Unpack them into benchmarks/results/ and commit them with the device name.
+# Locally, `OUT=/tmp/x bash benchmarks/gpu_suite.sh env` checks the setup.
 set -uo pipefail
-stage=${1:?stage: env, tests, speed, prefill or critiprefill}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || { echo "give stages: env tests speed prefill critiprefill e2e (several run in order)"; exit 2; }
 OUT=${OUT:?OUT must name the output folder}
 mkdir -p "$OUT"
-log="$OUT/$stage.log"
-exec > >(tee "$log") 2>&1
+exec > >(tee "$OUT/$(IFS=+; echo "${stages[*]}").log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 ADAKV_COMMIT=${ADAKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 export ADAKV_COMMIT
@@ -34,8 +38,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 $py -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$site" . || exit 1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-results="$work/results"
-mkdir -p "$results"
 
 env_report() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
@@ -63,15 +65,20 @@ except (ImportError, AttributeError) as err:
 EOF
 }
 
-run_step() {  # run_step SECONDS NAME COMMAND...: one step with its own limit, its status logged
+run_step() {  # run_step SECONDS NAME COMMAND...: one step with its own limit, its status logged, results packed
     local limit=$1 name=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@"
     echo "== $name: exit $? after $((SECONDS - t0))s"
+    # packed after every step: a later step that runs past the device's limit cannot take this one's output with it
+    tar -czf "$OUT/$stage.tar.gz" -C "$results" .
 }
 
+for stage in "${stages[@]}"; do
+results="$work/results/$stage"
+mkdir -p "$results"
 case $stage in
 env)
     env_report
@@ -80,31 +87,41 @@ tests)
     env_report | tee "$results/env.txt"
     # TRITON_INTERPRET=0: the kernels run compiled on the GPU, in every dtype the tests draw (the interpreter's
     # half-precision dots are what CI cannot check).
-    run_step 480 kernel-tests env TRITON_INTERPRET=0 $py -P -m pytest -q -p no:cacheprovider -x --timeout 300 \
+    run_step 240 kernel-tests env TRITON_INTERPRET=0 $py -P -m pytest -q -p no:cacheprovider --timeout 120 \
         --junitxml="$results/kernel_tests.xml" tests/test_triton_decode.py tests/test_triton_kernels.py \
         tests/test_critiprefill.py tests/test_kernels_reference.py tests/test_torch_ragged.py \
         tests/test_static_decode.py tests/test_storage.py
     # the tiny models on the GPU: generate's compiled decode step (inductor, CUDA graphs) against eager, flash
-    run_step 300 compiled-generate env ADAKV_TEST_DEVICE=cuda $py -P -m pytest -q -p no:cacheprovider -x \
-        --timeout 280 --junitxml="$results/compiled_generate.xml" tests/test_static_decode.py tests/test_flash_backend.py
+    run_step 150 compiled-generate env ADAKV_TEST_DEVICE=cuda $py -P -m pytest -q -p no:cacheprovider \
+        --timeout 140 --junitxml="$results/compiled_generate.xml" tests/test_static_decode.py tests/test_flash_backend.py
     ;;
-speed)
-    run_step 560 gpu_speed $py benchmarks/gpu_speed.py --out "$results/gpu_speed.json"
+speed)  # decode attention alone: ragged Triton vs sdpa over the full cache, fused vs unfused step, flash vs Triton
+    run_step 200 gpu_speed $py benchmarks/gpu_speed.py --skip-e2e --repeats 10 --calls 50 \
+        --out "$results/gpu_speed.json"
     ;;
 prefill)
-    run_step 200 decode_profile $py benchmarks/decode_profile.py --device cuda --model llama3-8b-shape \
+    run_step 90 decode_profile $py benchmarks/decode_profile.py --device cuda --model llama3-8b-shape \
         --dtype bfloat16 --length 32768 --steps 32 --out "$results/decode_profile"
     # issue #10 section 6: compression's share of a 32k prefill (goal <= 5% for ada-snapkv), CUDA syncs counted
-    run_step 300 prefill_overhead $py benchmarks/prefill_overhead.py --device cuda --model llama3-8b-shape \
+    run_step 110 prefill_overhead $py benchmarks/prefill_overhead.py --device cuda --model llama3-8b-shape \
         --dtype bfloat16 --lengths 32768 --methods ada-snapkv defensivekv --out "$results/prefill_overhead"
     ;;
 critiprefill)
-    run_step 340 critiprefill_speed $py benchmarks/critiprefill_speed.py --out "$results/critiprefill_gpu.json"
+    run_step 270 critiprefill_speed $py benchmarks/critiprefill_speed.py --repeats 3 --calls 5 --e2e-repeats 2 \
+        --e2e-calls 1 --out "$results/critiprefill_gpu.json"
+    ;;
+e2e)  # issue #10 section 3: generate's decode, AdaKVCache vs DynamicCache and a compiled StaticCache, alternated
+    # (needs .gpu/llama8b-shape: Llama-3.1-8B's config.json and any tokenizer, carried)
+    for point in "4096 1" "32768 1 8"; do
+        set -- $point
+        run_step 290 "e2e-$1" $py -P -c 'import sys; from adakv.eval.cli import main; sys.exit(main())' speed --model .gpu/llama8b-shape --random-weights \
+            --device cuda --dtype bfloat16 --methods ada-snapkv --budgets 0.2 --lengths "$1" --batches "${@:2}" \
+            --static --compile --decode-steps 256 --repeats 2 --no-plots --out "$results/speed_$1"
+    done
     ;;
 *)
-    echo "unknown stage $stage: env, tests, speed, prefill or critiprefill"
-    exit 2
+    echo "unknown stage $stage: env, tests, speed, prefill, critiprefill or e2e"
     ;;
 esac
-tar -czf "$OUT/$stage.tar.gz" -C "$results" .
-echo "results: $OUT/$stage.tar.gz"
+done
+echo "results: $OUT/*.tar.gz"
