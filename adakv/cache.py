@@ -289,7 +289,8 @@ class AdaKVCache(Cache):
         # generate compiles the forwards of its chunked prefill too when the cache is compileable; prompt chunks
         # compress (host syncs, the chunk detection's frame walk), so inside that loop the cache says no and the
         # chunks run eager. The decode loop asks outside it. (No frame walk while tracing: it cannot run there.)
-        if not super().is_compileable:
+        # Cache.is_compileable's rule written out: dynamo 2.11 cannot trace `super()` in a property.
+        if not self.layers or not all(layer.is_compileable for layer in self.layers):
             return False
         return torch.compiler.is_compiling() or prompt.generate_chunk_size() is None
 

@@ -24,7 +24,7 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || { echo "give stages: env tests speed prefill critiprefill e2e (several run in order)"; exit 2; }
 OUT=${OUT:?OUT must name the output folder}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/$(IFS=+; echo "${stages[*]}").log") 2>&1
+exec > >(tee "$OUT/$(IFS=_; echo "${stages[*]}").log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 ADAKV_COMMIT=${ADAKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 export ADAKV_COMMIT
@@ -70,7 +70,7 @@ run_step() {  # run_step SECONDS NAME COMMAND...: one step with its own limit, i
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$results/$name.txt") 2>&1
     echo "== $name: exit $? after $((SECONDS - t0))s"
     # packed after every step: a later step that runs past the device's limit cannot take this one's output with it
     tar -czf "$OUT/$stage.tar.gz" -C "$results" .
@@ -87,10 +87,12 @@ tests)
     env_report | tee "$results/env.txt"
     # TRITON_INTERPRET=0: the kernels run compiled on the GPU, in every dtype the tests draw (the interpreter's
     # half-precision dots are what CI cannot check).
-    run_step 240 kernel-tests env TRITON_INTERPRET=0 $py -P -m pytest -q -p no:cacheprovider --timeout 120 \
-        --junitxml="$results/kernel_tests.xml" tests/test_triton_decode.py tests/test_triton_kernels.py \
-        tests/test_critiprefill.py tests/test_kernels_reference.py tests/test_torch_ragged.py \
-        tests/test_static_decode.py tests/test_storage.py
+    # -v into the results as it runs: junit's XML is written only at the end, which a limit can cut off
+    # -n 8: compiling the kernels for every drawn shape and dtype is CPU work (pytest-xdist is in the device image)
+    run_step 280 kernel-tests env TRITON_INTERPRET=0 $py -P -m pytest -v -n 8 -p no:cacheprovider --timeout 60 \
+        --durations=15 --junitxml="$results/kernel_tests.xml" -o console_output_style=classic \
+        tests/test_triton_decode.py tests/test_triton_kernels.py tests/test_critiprefill.py \
+        tests/test_kernels_reference.py tests/test_torch_ragged.py tests/test_storage.py
     # the tiny models on the GPU: generate's compiled decode step (inductor, CUDA graphs) against eager, flash
     run_step 150 compiled-generate env ADAKV_TEST_DEVICE=cuda $py -P -m pytest -q -p no:cacheprovider \
         --timeout 140 --junitxml="$results/compiled_generate.xml" tests/test_static_decode.py tests/test_flash_backend.py

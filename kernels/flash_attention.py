@@ -44,8 +44,12 @@ def unavailable(device: torch.device) -> str | None:
         fn = _varlen()
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has it)"
-    if "seqused_k" not in inspect.signature(fn).parameters:
-        return f"torch {torch.__version__}'s varlen_attn takes no seqused_k (needed to skip each segment's slack)"
+    missing = [name for name in ("seqused_k", "enable_gqa") if name not in inspect.signature(fn).parameters]
+    if missing:  # torch 2.11's varlen_attn has neither (seen on the H100 machine, 2026-11-25)
+        return (
+            f"torch {torch.__version__}'s varlen_attn takes no {' or '.join(missing)} (seqused_k skips each "
+            "segment's slack, enable_gqa serves a query group from one K/V head)"
+        )
     return None
 
 

@@ -197,7 +197,7 @@ def test_eager_prompt_chunks_with_a_reserve_take_the_ragged_path():
         ops.ragged_attention_static = lambda *a, **k: widths.append(a[1].shape) or static(*a, **k)
         try:
             with torch.no_grad():
-                question = torch.ones(ids.shape[0], 6, dtype=mask.dtype)
+                question = torch.ones(ids.shape[0], 6, dtype=mask.dtype, device=mask.device)
                 model(ids[:, :6], attention_mask=torch.cat([mask, question], -1), **with_cache(cache))
         finally:
             ops.ragged_attention_static = static
