@@ -31,7 +31,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def log2_logits(s, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw dot products ``s`` -> scaled (and soft-capped: softcap * tanh(s * scale / softcap)) logits, in log2
-    units."""
+    units. The scalars are cast to fp32 first: torch.compile (inductor, torch 2.11) passes a Python float kernel
+    argument as fp64, which would turn the whole tile fp64 (and the online softmax's loop-carried fp32 state with it:
+    a compile error)."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # (tl.cast: under the interpreter the scalars are Python floats)
+    softcap = tl.cast(softcap, tl.float32)
     if HAS_SOFTCAP:
         x = s * (qk_scale / softcap)
         return softcap * LOG2E * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)  # tanh(x) from one exp
