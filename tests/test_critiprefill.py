@@ -21,6 +21,10 @@ from adakv.kernels import block_sparse_reference as reference
 from adakv.kernels import triton_block_sparse  # imported after conftest.py set TRITON_INTERPRET
 
 pytestmark = pytest.mark.fast
+# where the Triton kernel runs: a GPU when there is one and the interpreter is off (benchmarks/gpu_suite.sh tests),
+# else the CPU through the interpreter; the models follow ADAKV_TEST_DEVICE, except where a test runs the kernel
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+KERNEL_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 KERNELS = {"torch": reference.block_sparse_attention, "triton": triton_block_sparse.block_sparse_attention}
 
@@ -67,7 +71,7 @@ def all_blocks(bsz, h_kv, q_len, k_len, seg, blk):
 
 
 def run(name, q, k, v, blocks, dense, valid, scaling, softcap, seg, blk):
-    dev = DEVICE if name == "triton" else "cpu"
+    dev = KERNEL_DEVICE if name == "triton" else "cpu"
     args = [x.to(dev) for x in (q, k, v, blocks, dense, valid)]
     return KERNELS[name](*args, scaling, softcap, seg, blk).cpu()
 
@@ -293,8 +297,8 @@ def test_sparse_prefill_with_dynamic_cache_batch_left_padding(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_sparse_prefill_triton_interpreted_matches_torch_and_generates(family):
-    model = tiny_model(family)
-    ids, mask = padded_batch(seq_len=80, pad=9)
+    model = tiny_model(family).to(KERNEL_DEVICE)
+    ids, mask = (t.to(KERNEL_DEVICE) for t in padded_batch(seq_len=80, pad=9))
     params = dict(segment_size=16, block_size=8, budgets=16, threshold_len=16)
     with torch.no_grad():
         with sparse_prefill(model, backend="torch", **params):
@@ -360,7 +364,7 @@ def test_bad_parameters(kwargs, match):
 
 
 def test_errors_of_sparse_prefill():
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(KERNEL_DEVICE)  # (the Triton refusal below is checked where the kernel runs)
     with (
         pytest.raises(ValueError, match="leaves no sparse layer in a 3-layer model"),
         sparse_prefill(model, layer_skip=3),
