@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check the open issues need (#10 decode speed, kernels, prefill overhead and compiled decode, #12
-# CritiPrefill speed), as stages that fit the device's calls (10 minutes each, 30 device minutes a session) when
-# run two or three to a call, so that a session lent a GPU spends its minutes measuring, not setting up.
+# CritiPrefill speed), as stages that fit the device's calls (10 minutes each, 30 device minutes a session, a cold
+# start ~1 minute of it), so that a session lent a GPU spends its minutes measuring, not setting up. Seen on an H100
+# (2026-11-25, benchmarks/results/gpu_h100_2026-11-25/): `speed critiprefill` together take ~2.5 minutes; `tests`
+# and `e2e` each need a call of their own (compiling the 8B model's decode step with a cold inductor cache takes
+# minutes per configuration); `prefill` ~3-5 minutes.
 #
 # Usage (the repository root is the working directory; the device tool's run takes it as its command):
 #   bash benchmarks/gpu_suite.sh STAGE...   # several stages run in order, in one call
@@ -102,7 +105,7 @@ speed)  # decode attention alone: ragged Triton vs sdpa over the full cache, fus
         --out "$results/gpu_speed.json"
     ;;
 prefill)
-    run_step 90 decode_profile $py benchmarks/decode_profile.py --device cuda --model llama3-8b-shape \
+    run_step 200 decode_profile $py benchmarks/decode_profile.py --device cuda --model llama3-8b-shape \
         --dtype bfloat16 --length 32768 --steps 32 --out "$results/decode_profile"
     # issue #10 section 6: compression's share of a 32k prefill (goal <= 5% for ada-snapkv), CUDA syncs counted
     run_step 110 prefill_overhead $py benchmarks/prefill_overhead.py --device cuda --model llama3-8b-shape \
