@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -520,9 +521,17 @@ class AdaKVLayer(CacheLayerMixin):
                     scores = map_scores(lambda t, e: torch.where(whole, e, t.float()), scores, earlier)
             self.held_scores = map_scores(lambda t: pack_kept(t.detach().float(), keep, width=width), scores)
 
-    def reselect(self, queries: torch.Tensor, module: nn.Module, scaling: float, softcap: float | None) -> None:
+    def reselect(
+        self,
+        queries: torch.Tensor,
+        module: nn.Module,
+        scaling: float,
+        softcap: float | None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Re-score the held tokens from ``queries`` ``[B, H_q, Q, D]`` (the most recent ones) and cut every
-        segment back to its allocation of the tokens seen so far (decode-time re-selection)."""
+        segment back to its allocation of the tokens seen so far (decode-time re-selection). ``rows``: bool ``[B]``
+        (host), the sequences to cut (None: all); the others keep every token they hold."""
         store = self.store
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
@@ -532,6 +541,9 @@ class AdaKVLayer(CacheLayerMixin):
             queries[:, :, -q_len:], k_view, v_view, inside, positions, scaling, softcap, module, self.seen
         )
         choice = self.policy.selection.select(inputs, self.n_real, None, n_candidates=store.lengths().sum(-1))
+        if rows is not None:
+            cut = host.to_device(rows, inside.device)[:, None, None]
+            choice = dataclasses.replace(choice, keep=torch.where(cut, choice.keep, inside))
         if bool((choice.keep == inside).all()):
             return
         store.replace(k_view, v_view, choice.keep)

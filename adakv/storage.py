@@ -10,8 +10,11 @@ from . import host
 from .kernels import ops_for
 
 # Slack rows given to every segment when it is (re)laid out: a fixed minimum at
-# prefill keeps the memory close to the budget; on growth the slack is
-# proportional to the length so that re-layouts cost O(1) amortized per token.
+# prefill keeps the memory close to the budget; on growth every segment gets the same
+# slack, GROWTH_FRACTION of the layer's mean length, so that re-layouts cost O(1)
+# amortized per token. The same for all: a decoded token adds one row to every segment,
+# so a slack sized by each segment's own length made Ada-KV's short heads re-lay the
+# whole layer out every few tokens (for the same total slack).
 MIN_SLACK = 16
 GROWTH_FRACTION = 0.125
 
@@ -19,8 +22,8 @@ GROWTH_FRACTION = 0.125
 class RaggedKV:
     """Keys and values of ``batch x kv_heads`` segments of different lengths.
 
-    ``keys``/``values``: ``[capacity, head_dim]``; ``start``, ``length``, ``capacity``:
-    int64 ``[batch, kv_heads]`` on the buffers' device. Host copies of the metadata
+    ``keys``/``values``: ``[rows, head_dim]``; ``start``, ``length``: int64 ``[batch, kv_heads]`` on the
+    buffers' device (each segment's capacity is kept on the host only). Host copies of the metadata
     are kept so that appends decide on growth without a device sync. ``ops`` is the
     backend (``adakv.kernels.backend``) its layer chose once; every op on the buffers goes through it.
     """
@@ -212,7 +215,7 @@ class RaggedKV:
             (added,) = host.to_host(valid.sum(-1, keepdim=True))
         needed = self._length_host + added
         if bool((needed > self._cap_host).any()):
-            slack = (needed.double() * GROWTH_FRACTION).long().clamp_(min=self.slack)
+            slack = max(self.slack, int(float(needed.double().mean()) * GROWTH_FRACTION))
             self._relayout(needed + slack)
         self.ops.append_(self.keys, self.values, new_k, new_v, self.start, self.length, valid)
         self._length_host = self._length_host + added

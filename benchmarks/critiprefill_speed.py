@@ -191,9 +191,11 @@ def e2e_point(args, model, policy: CritiPrefill, ctx: int) -> dict:
                     row[f"{name}_peak_bytes"] = max(peak, row.get(f"{name}_peak_bytes", 0))
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
+    for name, values in times.items():  # (after an out-of-memory error: what was measured before it)
+        if values:
+            row[f"{name}_s"] = statistics.median(values)
+    if "error" in row:
         return row
-    for name, values in times.items():
-        row[f"{name}_s"] = statistics.median(values)
     row["speedup"] = row["dense_sdpa_s"] / row["critiprefill_s"]
     if sel is not None:
         h_kv = model.config.num_key_value_heads

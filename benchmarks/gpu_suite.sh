@@ -25,6 +25,12 @@
 set -uo pipefail
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || { echo "give stages: env tests speed prefill critiprefill e2e (several run in order)"; exit 2; }
+for stage in "${stages[@]}"; do
+    case $stage in
+    env | tests | speed | prefill | critiprefill | e2e) ;;
+    *) echo "unknown stage $stage: env, tests, speed, prefill, critiprefill or e2e"; exit 2 ;;
+    esac
+done
 OUT=${OUT:?OUT must name the output folder}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$(IFS=_; echo "${stages[*]}").log") 2>&1
@@ -73,8 +79,8 @@ run_step() {  # run_step SECONDS NAME COMMAND...: one step with its own limit, i
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > >(tee "$results/$name.txt") 2>&1
-    echo "== $name: exit $? after $((SECONDS - t0))s"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$results/$name.txt"  # a pipe: tee is done before the tar
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
     # packed after every step: a later step that runs past the device's limit cannot take this one's output with it
     tar -czf "$OUT/$stage.tar.gz" -C "$results" .
 }
@@ -123,9 +129,6 @@ e2e)  # issue #10 section 3: generate's decode, AdaKVCache vs DynamicCache and a
             --device cuda --dtype bfloat16 --methods ada-snapkv --budgets 0.2 --lengths "$1" --batches "${@:2}" \
             --static --compile --decode-steps 256 --repeats 2 --no-plots --out "$results/speed_$1"
     done
-    ;;
-*)
-    echo "unknown stage $stage: env, tests, speed, prefill, critiprefill or e2e"
     ;;
 esac
 done

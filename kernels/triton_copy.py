@@ -1,9 +1,9 @@
-"""Triton row copy: the one kernel behind compaction, append and segment re-layout.
+"""Triton copies into the ragged storage: a row copy behind compaction and segment re-layout, and an append kernel.
 
-Each of those writes K and V rows (``head_dim`` contiguous elements) from a source
-to a flat buffer at computed rows. The index vectors are built with a few torch
-ops on the device (no host sync, except in ``copy_segments_``: the number of rows a re-layout moves sizes its
-index vector); the copy of K and V is one launch.
+Each writes K and V rows (``head_dim`` contiguous elements) from a source to a flat buffer at computed rows, K and V
+in one launch. The row copy's index vectors are built with a few torch ops on the device (no host sync, except in
+``copy_segments_``: the number of rows a re-layout moves sizes its index vector); the append kernel computes its
+rows from the segments' starts and lengths itself.
 Reference: :mod:`adakv.kernels.reference` (``compact_``, ``append_``, ``copy_segments_``).
 """
 

@@ -267,3 +267,42 @@ def test_a_context_scorer_is_refused_with_its_own_reason_first(decode, allocator
     kwargs = {"method": "kvzip"} if allocator is None else {"scorer": "kvzip", "allocator": allocator}
     with pytest.raises(ValueError, match="has none to start from. Use decode=None"):
         AdaKVCache(tiny_model("llama"), 0.3, decode=decode, **kwargs)
+
+
+def _question_then_decode(model, ctx, questions, steps=24):
+    """Prompt ``ctx`` [B, L] (all real), then left-padded ``questions`` (0 = padding) appended in one forward,
+    then greedy steps; returns (kept lengths of layer 0 after the question, decoded tokens [B, steps])."""
+    from adakv import Rescore
+
+    cache = AdaKVCache(model, 24, window=8, decode=Rescore(interval=8))
+    q_mask = (questions != 0).long()
+    with torch.no_grad():
+        model(ctx, **with_cache(cache))
+        mask = torch.cat([torch.ones_like(ctx), q_mask], 1)
+        positions = ctx.shape[1] + (q_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(questions, attention_mask=mask, position_ids=positions, **with_cache(cache))
+        kept, tokens, tok = cache.kept_lengths(0), [], out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(tok, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, **with_cache(cache))
+            tok = out.logits[:, -1:].argmax(-1)
+            tokens.append(tok)
+    return kept, torch.cat(tokens, 1)
+
+
+def test_rescore_counts_each_sequences_real_tokens():
+    """Rescore's interval counts a sequence's own real tokens: a question's padding does not bring its next
+    re-selection forward, and a sequence batched with a longer question decodes as it does alone (it was re-selected
+    with the other's schedule before)."""
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, 256, (2, 40), generator=gen)
+    short, long = torch.randint(3, 256, (1, 2), generator=gen), torch.randint(3, 256, (1, 10), generator=gen)
+    alone = _question_then_decode(model, ctx[:1], short)
+    padded = _question_then_decode(model, ctx[:1], torch.cat([torch.zeros(1, 8, dtype=torch.long), short], 1))
+    assert torch.equal(alone[0], padded[0]) and torch.equal(alone[1], padded[1])
+    questions = torch.cat([torch.cat([torch.zeros(1, 8, dtype=torch.long), short], 1), long])
+    batch = _question_then_decode(model, ctx, questions)
+    other = _question_then_decode(model, ctx[1:], long)
+    assert torch.equal(batch[0][:1], alone[0]) and torch.equal(batch[1][:1], alone[1])
+    assert torch.equal(batch[0][1:], other[0]) and torch.equal(batch[1][1:], other[1])

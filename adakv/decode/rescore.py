@@ -19,6 +19,11 @@ class Rescore(DecodePolicy):
 
     Cost: one scoring of the held tokens and one re-layout of the layer per ``interval`` tokens.
     Cross-layer allocators are refused (their split is decided across one forward's layers).
+
+    Each sequence counts its own real tokens (padding of a multi-token append, e.g. a question batched with a
+    longer one, does not count) and is re-selected when its own count is due; the others in the batch keep what
+    they hold at that step, so a sequence decodes as it would alone. While decoding, every sequence gains one token
+    per step, so sequences that start together are re-selected together.
     """
 
     name = "rescore"
@@ -30,18 +35,21 @@ class Rescore(DecodePolicy):
         window = inputs.window
         queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed
         # the window is the cache's, not the last prompt chunk's length (generate's last chunk may be shorter)
-        return RescoreState(queries, self.interval, window)
+        state = RescoreState(queries, self.interval, window)
+        if isinstance(previous, RescoreState) and previous.due.shape == state.due.shape:
+            state.due = previous.due.clone()  # a re-selection: the sequences not re-selected keep their count
+        return state
 
 
 class RescoreState(DecodeState):
-    """``queries``: the most recent (at most ``window``) real queries ``[B, H_q, W, D]``; ``due``: tokens until
-    the next re-selection."""
+    """``queries``: the most recent (at most ``window``) real queries ``[B, H_q, W, D]``; ``due``: each sequence's
+    real tokens until its next re-selection (host int64 ``[B]``)."""
 
     def __init__(self, queries: torch.Tensor, interval: int, window: int):
         self.window = window
         self.queries = queries
         self.interval = interval
-        self.due = interval
+        self.due = torch.full((queries.shape[0],), interval, dtype=torch.int64)
 
     def after_append(self, layer, module, q, scaling, softcap, hidden, valid) -> None:
         bsz, h_kv, group, q_len, dim = q.shape
@@ -57,10 +65,15 @@ class RescoreState(DecodeState):
             self.queries = torch.gather(queries, 2, index)
         else:
             self.queries = queries[:, :, -max(self.window, 1) :]
-        self.due -= q_len
-        if self.due <= 0:
-            self.due = self.interval
-            layer.reselect(self.queries, module, scaling, softcap)
+        if valid is None:
+            self.due -= q_len  # decoding: no tensor op on the device, no host read
+        else:
+            self.due -= valid.sum(-1).to("cpu", torch.int64)
+        rows = self.due <= 0
+        if bool(rows.any()):
+            self.due[rows] = self.interval
+            layer.reselect(self.queries, module, scaling, softcap, None if bool(rows.all()) else rows)
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.queries = self.queries[index.to(self.queries.device)]
+        self.due = self.due[index.to("cpu")]
