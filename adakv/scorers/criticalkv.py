@@ -72,7 +72,8 @@ class CriticalKV(Scorer):
     Perturbation Perspective", 2025 (arXiv:2502.03805).
 
     With s the base score (SnapKV by default) and N_j = (1/G) sum_g ||v_j W_O^(g)||_1:
-    first keep ``first_stage`` of the budget by s, then fill the rest by (s + eps) * N_j.
+    first keep ``first_stage`` of the budget by s (by default the window plus ``first_stage`` of the rest: see
+    ``second_stage``), then fill the rest by (s + eps) * N_j.
     Works with any allocator (``ada-criticalkv`` = CriticalKV + Ada-KV).
 
     How the two stages share a per-layer allocator's budget (``second_stage``):
