@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from .layer import AdaKVLayer
 
 # An earlier layer is re-laid out during the forward only once the rows it still stores exceed this many times
-# what the cascade lets it hold: memory stays within that factor of the strict cascade, and each layer is re-laid
-# out at most 1 + log2(layers) times per forward (usually once, at the last layer), not once per later layer.
+# what the cascade lets it hold: memory stays within that factor of the strict cascade, and a layer is re-laid out
+# only when what it keeps has more than halved since its last re-layout, so at most 1 + log2(the tokens it first
+# keeps) times per forward (usually once, at the last layer), not once per later layer.
 SHRINK_FACTOR = 2
 
 

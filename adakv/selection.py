@@ -15,7 +15,7 @@ import torch
 from .allocators import Allocator, CrossLayerAllocator
 from .allocators.base import topk_mask
 from .host import to_device
-from .scorers import ScoreInputs, Scorer, StagedScores
+from .scorers import CriticalKV, ScoreInputs, Scorer, StagedScores
 
 if TYPE_CHECKING:
     from .cascade import Cascade
@@ -113,6 +113,12 @@ class Selection:
         self.scorer = scorer
         self.allocator = allocator
         self.window = check_window(window)
+        if isinstance(scorer, CriticalKV) and scorer.second_stage == "per-head" and self.cross_layer:
+            raise ValueError(
+                f"CriticalKV(second_stage='per-head') fixes each head's total inside its layer, which a cross-layer "
+                f"allocator ({allocator!r}) cannot do: its second stage competes across layers. Use the default "
+                "second_stage='joint' with it, or a per-layer allocator (e.g. adakv.AdaKV())."
+            )
 
     @property
     def cross_layer(self) -> bool:

@@ -257,3 +257,18 @@ def test_the_demo_says_why_a_budget_is_refused(budget, capsys):
     with pytest.raises(SystemExit):
         main(["--budget", budget])
     assert "must be in (0, 1]" in capsys.readouterr().err  # was argparse's "invalid _budget value"
+
+
+@pytest.mark.fast
+def test_allocator_options_that_would_be_dropped_are_refused():
+    """Two settings that did nothing without a word: CriticalKV's per-head second stage under a cross-layer
+    allocator (its second stage competes across layers), and a PyramidKV nested as another PyramidKV's heads (only
+    the outer schedule sets layer budgets)."""
+    from adakv import CriticalKV, LayerAdaptive, PyramidKV
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="second_stage='per-head'.*cross-layer"):
+        AdaKVCache(model, 10, scorer=CriticalKV(second_stage="per-head"), allocator=LayerAdaptive())
+    AdaKVCache(model, 10, scorer=CriticalKV(), allocator=LayerAdaptive())  # the default stage works with it
+    with pytest.raises(TypeError, match="inner PyramidKV"):
+        PyramidKV(heads=PyramidKV(beta=2))

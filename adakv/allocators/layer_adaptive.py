@@ -20,8 +20,9 @@ class LayerAdaptive(CrossLayerAllocator):
     layers 0..l-1 still hold win, and the earlier layers give up the rest. The
     last layer therefore ends with exactly the published total L * H * B.
 
-    Peak bound: during prefill the cache never holds more than (l + 1) * H * B
-    kept tokens per sequence after layer l, plus per-segment slack, plus one
+    Peak bound: during prefill the cache never holds more than 2 * (l + 1) * H * B
+    tokens per sequence after layer l (the tokens earlier layers lose stay stored until
+    a layer holds twice what it keeps: :mod:`adakv.cascade`), plus per-segment slack, plus one
     layer's dense K/V (the layer being prefilled, which the model holds anyway).
 
     Cascading differs from the one-shot top-k only when later layers score lower

@@ -18,7 +18,9 @@ class PyramidKV(Allocator):
     the bottom layer gets b_max = 2b - b_min and the top one b_min = b / beta
     (b_max capped at the prompt length, b_min raised to match); layer l gets
     w + b_max - l * (b_max - b_min) / (n - 1), so the average over
-    layers stays B exactly (per-layer rounding is carried over). A prompt of fewer than 2b tokens gets B in
+    layers stays B exactly (per-layer rounding is carried over; a float budget's floor of the scorer's pinned
+    tokens, :meth:`adakv.selection.Selection.per_head`, can raise a top layer past its share when the window is
+    under 4). A prompt of fewer than 2b tokens gets B in
     every layer, as in the official code (KVCache-Factory). Inside a layer, ``heads`` allocates
     (uniform in the paper; ``PyramidKV(AdaKV())`` is the head-adaptive variant).
 
@@ -33,10 +35,13 @@ class PyramidKV(Allocator):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
             raise ValueError(f"PyramidKV beta must be a number >= 1, got {beta!r}.")
         self.beta = float(beta)
-        if heads is not None and (not isinstance(heads, Allocator) or isinstance(heads, CrossLayerAllocator)):
+        if heads is not None and (
+            not isinstance(heads, Allocator) or isinstance(heads, (CrossLayerAllocator, PyramidKV))
+        ):
             raise TypeError(
                 f"PyramidKV heads must be a per-layer Allocator instance (e.g. adakv.AdaKV(), adakv.Uniform()), got "
-                f"{heads!r}: PyramidKV fixes each layer's budget, so a cross-layer split would be dropped."
+                f"{heads!r}: PyramidKV fixes each layer's budget, so a cross-layer split (or an inner PyramidKV's "
+                "schedule) would be dropped."
             )
         self.heads = heads if heads is not None else Uniform()
 
