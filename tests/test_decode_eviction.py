@@ -306,3 +306,20 @@ def test_rescore_counts_each_sequences_real_tokens():
     other = _question_then_decode(model, ctx[1:], long)
     assert torch.equal(batch[0][:1], alone[0]) and torch.equal(batch[1][:1], alone[1])
     assert torch.equal(batch[0][1:], other[0]) and torch.equal(batch[1][1:], other[1])
+
+
+def test_rescore_count_restarts_at_a_prompt_cut():
+    """A prompt chunk cut after appended tokens starts Rescore's count afresh (every sequence was just cut); only a
+    decode-time re-selection keeps the counts of the sequences it did not cut."""
+    from adakv import Rescore
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 80), generator=torch.Generator().manual_seed(0))
+    cache = AdaKVCache(model, 16, window=8, decode=Rescore(interval=16))
+    with torch.no_grad():
+        model(ids[:, :40], **with_cache(cache))
+        model(ids[:, 40:50], **with_cache(cache))  # a 10-token question: 6 to go
+        assert cache.layers[0].decode_state.due.tolist() == [6]
+        with cache.compressing():
+            model(ids[:, 50:80], **with_cache(cache))  # a prompt chunk: cut back, the count starts again
+    assert cache.layers[0].decode_state.due.tolist() == [16]

@@ -35,10 +35,7 @@ class Rescore(DecodePolicy):
         window = inputs.window
         queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed
         # the window is the cache's, not the last prompt chunk's length (generate's last chunk may be shorter)
-        state = RescoreState(queries, self.interval, window)
-        if isinstance(previous, RescoreState) and previous.due.shape == state.due.shape:
-            state.due = previous.due.clone()  # a re-selection: the sequences not re-selected keep their count
-        return state
+        return RescoreState(queries, self.interval, window)
 
 
 class RescoreState(DecodeState):
@@ -73,6 +70,8 @@ class RescoreState(DecodeState):
         if bool(rows.any()):
             self.due[rows] = self.interval
             layer.reselect(self.queries, module, scaling, softcap, None if bool(rows.all()) else rows)
+            # the cut started a new state (a prompt cut's start resets every count); the sequences not cut keep theirs
+            layer.decode_state.due = self.due
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.queries = self.queries[index.to(self.queries.device)]
