@@ -535,8 +535,13 @@ class AdaKVLayer(CacheLayerMixin):
         store = self.store
         k_view, inside = store.view(store.keys)
         v_view, _ = store.view(store.values)
-        q_len = min(queries.shape[2], k_view.shape[2])
         positions = self._positions(view=True)
+        # the queries are each sequence's most recent tokens, and a scorer reads query i at column L - Q + i
+        # (ScoreInputs): score with as many as every head still holds as its last columns (a budget under the window
+        # plus the scorer's sinks holds fewer recent tokens than the window: the sinks would take those columns)
+        last = positions.amax(-1, keepdim=True)
+        held = int(((positions > last - queries.shape[2]) & (positions >= 0)).sum(-1).min())  # one host read
+        q_len = max(1, min(queries.shape[2], k_view.shape[2], held))
         inputs = self._inputs(
             queries[:, :, -q_len:], k_view, v_view, inside, positions, scaling, softcap, module, self.seen
         )

@@ -323,3 +323,30 @@ def test_rescore_count_restarts_at_a_prompt_cut():
         with cache.compressing():
             model(ids[:, 50:80], **with_cache(cache))  # a prompt chunk: cut back, the count starts again
     assert cache.layers[0].decode_state.due.tolist() == [16]
+
+
+def test_rescore_scores_with_queries_aligned_to_their_columns(monkeypatch):
+    """At a re-selection the scorer reads query i at column L - Q + i. With a budget under the window plus the
+    scorer's sinks (Expected Attention pins 4), a head holds fewer recent tokens than the window: the queries
+    are cut to those, not aligned with sink columns (which gave the oldest queries positions 0-3)."""
+    from adakv.scorers import ExpectedAttention
+
+    seen = []
+    original = ExpectedAttention.__call__
+
+    def recording(self, inputs):
+        q = inputs.queries.shape[2]
+        seen.append((inputs.positions[..., -q:].clone(), inputs.positions.amax(-1, keepdim=True)))
+        return original(self, inputs)
+
+    monkeypatch.setattr(ExpectedAttention, "__call__", recording)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    cache = AdaKVCache(model, 16, method="ada-expected-attention", decode="rescore")
+    with torch.no_grad():
+        model.generate(ids, **with_cache(cache), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    reselections = seen[model.config.num_hidden_layers :]  # after the prompt's cuts
+    assert reselections
+    for tail, last in reselections:
+        want = last - tail.shape[-1] + 1 + torch.arange(tail.shape[-1])
+        assert torch.equal(tail, want.expand_as(tail))
