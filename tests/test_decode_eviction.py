@@ -319,10 +319,11 @@ def test_rescore_count_restarts_at_a_prompt_cut():
     with torch.no_grad():
         model(ids[:, :40], **with_cache(cache))
         model(ids[:, 40:50], **with_cache(cache))  # a 10-token question: 6 to go
-        assert cache.layers[0].decode_state.due.tolist() == [6]
+        layer = cache.layers[0]
+        assert (layer.decode_state.next_at - layer.n_real).tolist() == [6]
         with cache.compressing():
             model(ids[:, 50:80], **with_cache(cache))  # a prompt chunk: cut back, the count starts again
-    assert cache.layers[0].decode_state.due.tolist() == [16]
+    assert (layer.decode_state.next_at - layer.n_real).tolist() == [16]
 
 
 def test_rescore_scores_with_queries_aligned_to_their_columns(monkeypatch):

@@ -35,18 +35,19 @@ class Rescore(DecodePolicy):
         window = inputs.window
         queries = inputs.queries[:, :, -window:].clone()  # not a view: the prompt's queries must be freed
         # the window is the cache's, not the last prompt chunk's length (generate's last chunk may be shorter)
-        return RescoreState(queries, self.interval, window)
+        return RescoreState(queries, self.interval, window, layer.n_real)
 
 
 class RescoreState(DecodeState):
-    """``queries``: the most recent (at most ``window``) real queries ``[B, H_q, W, D]``; ``due``: each sequence's
-    real tokens until its next re-selection (host int64 ``[B]``)."""
+    """``queries``: the most recent (at most ``window``) real queries ``[B, H_q, W, D]``; ``next_at``: host int64
+    ``[B]``, the real tokens seen (the layer's ``n_real``, which excludes padding) at which each sequence is
+    re-selected next."""
 
-    def __init__(self, queries: torch.Tensor, interval: int, window: int):
+    def __init__(self, queries: torch.Tensor, interval: int, window: int, seen: torch.Tensor):
         self.window = window
         self.queries = queries
         self.interval = interval
-        self.due = torch.full((queries.shape[0],), interval, dtype=torch.int64)
+        self.next_at = seen + interval
 
     def after_append(self, layer, module, q, scaling, softcap, hidden, valid) -> None:
         bsz, h_kv, group, q_len, dim = q.shape
@@ -62,17 +63,14 @@ class RescoreState(DecodeState):
             self.queries = torch.gather(queries, 2, index)
         else:
             self.queries = queries[:, :, -max(self.window, 1) :]
-        if valid is None:
-            self.due -= q_len  # decoding: no tensor op on the device, no host read
-        else:
-            self.due -= valid.sum(-1).to("cpu", torch.int64)
-        rows = self.due <= 0
+        seen = layer.n_real  # already counts these tokens, on the host
+        rows = seen >= self.next_at
         if bool(rows.any()):
-            self.due[rows] = self.interval
+            self.next_at = torch.where(rows, seen + self.interval, self.next_at)
             layer.reselect(self.queries, module, scaling, softcap, None if bool(rows.all()) else rows)
             # the cut started a new state (a prompt cut's start resets every count); the sequences not cut keep theirs
-            layer.decode_state.due = self.due
+            layer.decode_state.next_at = self.next_at
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.queries = self.queries[index.to(self.queries.device)]
-        self.due = self.due[index.to("cpu")]
+        self.next_at = self.next_at[index.to("cpu")]
